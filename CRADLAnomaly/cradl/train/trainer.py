@@ -1,0 +1,271 @@
+"""Training a CRADL model on normal scans: SimCLR encoder, Gaussian mixture, calibration, bundle."""
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.mixture import GaussianMixture
+from tqdm import tqdm
+
+from .. import __version__
+from ..bundle import save_bundle
+from ..calibration import DEFAULT_AGGREGATE, aggregate, fit_slice_statistics
+from ..detector import resolve_device
+from ..encoder import ProjectionHead, SliceEncoder
+from ..errors import CradlError, InputError
+from ..gmm import GaussianMixtureNLL
+from ..io import IMAGE_SUFFIXES, atomic_path, read_image
+from ..localize import DEFAULT_LOCALIZATION, postprocess_saliency, score_and_saliency, score_slices
+from ..preprocess import DEFAULT_NORMALISATION, PreparedScan, prepare_scan
+from ..space import ReferenceSpace
+from .augment import nt_xent, simclr_view
+
+log = logging.getLogger("cradl.train")
+
+
+@dataclass
+class TrainConfig:
+    """The training recipe; it is written into the bundle's manifest as is."""
+
+    slice_size: int = 96
+    spacing_mm: float = 2.0
+    min_brain_fraction: float = 0.15
+    width: int = 32
+    feature_dim: int = 128
+    projection_dim: int = 64
+    epochs: int = 30
+    batch_size: int = 128
+    learning_rate: float = 2e-3
+    weight_decay: float = 1e-5
+    temperature: float = 0.2
+    gmm_components: tuple[int, ...] = (1, 2, 4, 8)
+    gmm_reg_covar: float = 1e-3
+    calibration_fraction: float = 0.15
+    validation_fraction: float = 0.15
+    min_region_mm3: float = 100.0
+    false_alarm_quantile: float = 0.9
+    volume_aggregate: str = DEFAULT_AGGREGATE
+    localization: dict = field(default_factory=lambda: dict(DEFAULT_LOCALIZATION))
+    normalisation: dict = field(default_factory=lambda: dict(DEFAULT_NORMALISATION))
+    seed: int = 0
+    name: str = "cradl-model"
+    version: str = "1.0.0"
+    description: str = ""
+
+
+def find_scans(folders) -> list[Path]:
+    """Image files (and DICOM series folders) directly inside the given folders, sorted."""
+    scans = []
+    for folder in map(Path, folders):
+        if not folder.is_dir():
+            raise InputError(f"normal-scan folder not found: {folder}")
+        found = sorted(p for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES))
+        found += sorted(p for p in folder.iterdir() if p.is_dir() and any(p.glob("*.dcm")))
+        scans += found
+    return scans
+
+
+def split_scans(n: int, config: TrainConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Indices of training, validation (mixture size) and calibration scans; disjoint, seeded."""
+    if n < 5:
+        raise InputError(f"training needs at least 5 normal scans, found {n}")
+    order = np.random.default_rng(config.seed).permutation(n)
+    n_cal = max(2, int(round(config.calibration_fraction * n)))
+    n_val = max(2, int(round(config.validation_fraction * n)))
+    return np.sort(order[n_cal + n_val:]), np.sort(order[n_cal:n_cal + n_val]), np.sort(order[:n_cal])
+
+
+def prepare_all(paths: list[Path], space: ReferenceSpace, config: TrainConfig, cache: Path | None) -> list[PreparedScan]:
+    """Align and normalise every scan once; cached so a resumed run skips the registrations."""
+    if cache is not None and cache.exists():
+        data = np.load(cache, allow_pickle=False)
+        if list(data["paths"]) == [str(p) for p in paths]:
+            log.info("using cached preprocessed scans from %s", cache)
+            return [PreparedScan(data[f"v{i}"], data[f"m{i}"], None, data[f"s{i}"]) for i in range(len(paths))]
+    prepared = []
+    for path in tqdm(paths, desc="aligning normal scans", unit="scan"):
+        try:
+            scan = prepare_scan(read_image(path), space, config.normalisation, config.min_brain_fraction)
+        except CradlError as exc:
+            raise InputError(f"cannot use normal scan {path}: {exc}") from None
+        prepared.append(PreparedScan(scan.volume.astype(np.float16).astype(np.float32), scan.mask, None,
+                                     scan.slice_indices))
+    if cache is not None:
+        arrays = {"paths": np.array([str(p) for p in paths])}
+        for i, scan in enumerate(prepared):
+            arrays.update({f"v{i}": scan.volume.astype(np.float16), f"m{i}": scan.mask, f"s{i}": scan.slice_indices})
+        with atomic_path(cache) as tmp:
+            with open(tmp, "wb") as handle:
+                np.savez(handle, **arrays)
+    return prepared
+
+
+def train_model(normal_dirs, out: str | Path, config: TrainConfig = TrainConfig(), device: str = "auto",
+                resume: bool = True, scans: list[Path] | None = None) -> Path:
+    """Train on the normal scans in `normal_dirs` and write the bundle to `out`. Returns `out`."""
+    started = time.perf_counter()
+    out = Path(out)
+    if not out.parent.is_dir():
+        raise CradlError(f"cannot write {out}: folder {out.parent} does not exist")
+    torch.manual_seed(config.seed)
+    dev = resolve_device(device)
+    paths = scans if scans is not None else find_scans(normal_dirs)
+    train_idx, val_idx, cal_idx = split_scans(len(paths), config)
+    space = ReferenceSpace.from_mni(config.slice_size, config.spacing_mm)
+    prepared = prepare_all(paths, space, config, out.with_suffix(".prep.npz") if resume else None)
+
+    train_slices = np.concatenate([prepared[i].slices for i in train_idx])
+    log.info("%d scans: %d training (%d slices), %d validation, %d calibration", len(paths), len(train_idx),
+             len(train_slices), len(val_idx), len(cal_idx))
+    encoder = SliceEncoder(config.width, config.feature_dim).to(dev)
+    head = ProjectionHead(config.feature_dim, config.projection_dim).to(dev)
+    history = _simclr(encoder, head, train_slices, config, dev, out.with_suffix(".ckpt") if resume else None)
+    encoder.eval()
+
+    gmm, selection = _fit_mixture(encoder, train_slices, np.concatenate([prepared[i].slices for i in val_idx]),
+                                  config, dev)
+    calibration = _calibrate(encoder, gmm, [prepared[i] for i in val_idx], [prepared[i] for i in cal_idx],
+                             config, dev)
+    manifest = {
+        "name": config.name, "version": config.version, "description": config.description,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "cradl_version": __version__,
+        "training": {"recipe": _recipe(config), "n_scans": len(paths), "n_train_scans": len(train_idx),
+                     "n_train_slices": int(len(train_slices)), "n_validation_scans": len(val_idx),
+                     "n_calibration_scans": len(cal_idx), "data": [str(d) for d in (normal_dirs or [])],
+                     "device": str(dev), "device_name": _device_name(dev),
+                     "seconds": round(time.perf_counter() - started, 1), "loss_per_epoch": history},
+        "reference": {"grid": space.grid.to_json(), "template": "MNI152 2009a symmetric T1 (nilearn)",
+                      "min_brain_fraction": config.min_brain_fraction},
+        "normalisation": config.normalisation,
+        "encoder": {"width": config.width, "feature_dim": config.feature_dim},
+        "gmm": selection,
+        "localization": config.localization,
+        "calibration": calibration,
+    }
+    save_bundle(out, manifest, encoder.cpu(), gmm.cpu(), sitk_array(space.template), sitk_array(space.template_mask))
+    log.info("wrote %s in %.0f s", out, time.perf_counter() - started)
+    return out
+
+
+def sitk_array(image) -> np.ndarray:
+    import SimpleITK as sitk
+    return sitk.GetArrayFromImage(image)
+
+
+def _recipe(config: TrainConfig) -> dict:
+    data = asdict(config)
+    data["gmm_components"] = list(config.gmm_components)
+    return data
+
+
+def _device_name(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def _simclr(encoder: SliceEncoder, head: ProjectionHead, slices: np.ndarray, config: TrainConfig,
+            dev: torch.device, checkpoint: Path | None) -> list[float]:
+    params = list(encoder.parameters()) + list(head.parameters())
+    optimiser = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    steps_per_epoch = max(1, len(slices) // config.batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, config.learning_rate,
+                                                   total_steps=config.epochs * steps_per_epoch, pct_start=0.1)
+    history, first_epoch = [], 0
+    if checkpoint is not None and checkpoint.exists():
+        state = torch.load(checkpoint, map_location=dev, weights_only=True)
+        if state["steps_per_epoch"] == steps_per_epoch and state["epochs"] == config.epochs:
+            encoder.load_state_dict(state["encoder"]), head.load_state_dict(state["head"])
+            optimiser.load_state_dict(state["optimiser"]), schedule.load_state_dict(state["schedule"])
+            history, first_epoch = list(state["history"]), int(state["epoch"]) + 1
+            log.info("resuming from %s at epoch %d", checkpoint, first_epoch + 1)
+    data = torch.from_numpy(slices).unsqueeze(1)
+    generator = torch.Generator(device=dev)
+    for epoch in range(first_epoch, config.epochs):
+        encoder.train(), head.train()
+        generator.manual_seed(config.seed * 1000 + epoch)
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(config.seed * 1000 + epoch))
+        losses = []
+        bar = tqdm(range(steps_per_epoch), desc=f"SimCLR epoch {epoch + 1}/{config.epochs}", unit="batch", leave=False)
+        for step in bar:
+            batch = data[order[step * config.batch_size:(step + 1) * config.batch_size]].to(dev)
+            z1 = head(encoder(simclr_view(batch, generator)))
+            z2 = head(encoder(simclr_view(batch, generator)))
+            loss = nt_xent(z1, z2, config.temperature)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            schedule.step()
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+        history.append(round(float(np.mean(losses)), 4))
+        log.info("epoch %d/%d  NT-Xent loss %.4f", epoch + 1, config.epochs, history[-1])
+        if checkpoint is not None:
+            with atomic_path(checkpoint) as tmp:
+                torch.save({"encoder": encoder.state_dict(), "head": head.state_dict(),
+                            "optimiser": optimiser.state_dict(), "schedule": schedule.state_dict(),
+                            "epoch": epoch, "epochs": config.epochs, "steps_per_epoch": steps_per_epoch,
+                            "history": history}, tmp)
+    return history
+
+
+def encode(encoder: SliceEncoder, slices: np.ndarray, dev: torch.device, batch_size: int = 256) -> np.ndarray:
+    with torch.inference_mode():
+        return torch.cat([encoder(torch.from_numpy(slices[i:i + batch_size]).unsqueeze(1).to(dev)).cpu()
+                          for i in range(0, len(slices), batch_size)]).numpy().astype(np.float64)
+
+
+def _fit_mixture(encoder, train_slices, val_slices, config: TrainConfig, dev) -> tuple[GaussianMixtureNLL, dict]:
+    """Fit K in config.gmm_components on standardised features; keep the best held-out likelihood."""
+    train_features, val_features = encode(encoder, train_slices, dev), encode(encoder, val_slices, dev)
+    mean, std = train_features.mean(0), train_features.std(0) + 1e-6
+    standardise = lambda f: (f - mean) / std  # noqa: E731
+    fits, scores = {}, {}
+    for k in config.gmm_components:
+        if k * 10 > len(train_features):
+            continue
+        mixture = GaussianMixture(k, covariance_type="full", reg_covar=config.gmm_reg_covar, max_iter=300,
+                                  n_init=2, random_state=config.seed).fit(standardise(train_features))
+        fits[k], scores[k] = mixture, float(mixture.score(standardise(val_features)))
+        log.info("GMM K=%d: held-out mean log-likelihood %.2f", k, scores[k])
+    best = max(scores, key=scores.get)
+    gmm = GaussianMixtureNLL.from_sklearn(fits[best], mean, std).to(dev)
+    return gmm, {"n_components": best, "covariance": "full", "reg_covar": config.gmm_reg_covar,
+                 "validation_log_likelihood": {str(k): round(v, 3) for k, v in scores.items()}}
+
+
+def _calibrate(encoder, gmm, val_scans: list[PreparedScan], scans: list[PreparedScan], config: TrainConfig,
+               dev) -> dict:
+    """Normal statistics on held-out normal scans: slice scores per position from the validation scans;
+    volume scores and heatmap values from the calibration scans, which nothing else has seen."""
+    for p in encoder.parameters():
+        p.requires_grad_(False)
+    val_nll = [score_slices(s.slices, encoder, gmm, dev) for s in val_scans]
+    means, stds = fit_slice_statistics(val_nll, [s.slice_indices for s in val_scans], val_scans[0].volume.shape[0])
+    stats = {"slice_nll_mean": means, "slice_nll_std": stds, "volume_aggregate": config.volume_aggregate}
+    nlls, heats, masks = [], [], []
+    for scan in tqdm(scans, desc="calibrating on held-out normals", unit="scan"):
+        idx = scan.slice_indices
+        nll, saliency = score_and_saliency(scan.volume[idx], idx, encoder, gmm, config.localization, dev)
+        nlls.append(nll)
+        heats.append(postprocess_saliency(saliency, scan.mask[idx], config.localization))
+        masks.append(scan.mask[idx])
+    stats["volume_scores"] = sorted(aggregate(n, s.slice_indices, stats) for n, s in zip(nlls, scans))
+    scale = float(np.percentile(np.concatenate([h[m] for h, m in zip(heats, masks)]), 99.0))
+    # The n-th largest value of a normal heatmap bounds from above the threshold at which it would still
+    # show a region of n voxels; a quantile of those over normal scans caps false alarms per scan.
+    n_voxels = max(1, int(np.ceil(config.min_region_mm3 / config.spacing_mm ** 3)))
+    upper = [float(np.sort(h[m])[-n_voxels]) / scale for h, m in zip(heats, masks)]
+    stats.update({"n_scans": len(scans), "heatmap_scale": scale,
+                  "voxel_threshold": float(np.quantile(upper, config.false_alarm_quantile)),
+                  "normal_region_bounds": [round(u, 4) for u in upper], "min_region_mm3": config.min_region_mm3})
+    return stats
