@@ -66,6 +66,8 @@ def _check_gzip_complete(path: Path, what: str) -> None:
         with gzip.open(path, "rb") as stream:
             while stream.read(1 << 24):
                 pass
+    except gzip.BadGzipFile:
+        raise InputError(f"cannot read {what} {path}: not a readable image (not gzip-compressed data)") from None
     except (EOFError, OSError, zlib.error):
         raise InputError(f"{what} {path} is truncated or corrupt (incomplete gzip data)") from None
 
