@@ -1,0 +1,19 @@
+"""CRADL Anomaly scene bridge: MRML nodes <-> the ``cradl`` core, and the review nodes.
+
+No Qt here: only MRML, VTK, SimpleITK and the ``slicer.util`` helpers that exist in both the Slicer
+application and the ``slicer-core`` wheel, so all of it is tested against a real vtkMRMLScene.
+Functions take the scene explicitly (the wheel has no ``slicer.mrmlScene``).
+"""
+from .errors import BridgeError
+from .geometry import (imageFromVolumeNode, updateVolumeNodeFromImage, ijkToRasArray, ijkToRasFromImage,
+                       maskImageFromNode, placeOnInputGrid, parentTransformToWorld)
+from .colors import getOrCreateHeatColorNode, heatRGBA, legendImage, COLOR_TABLE_NAME
+from .display import (setupHeatmapDisplay, showOverlay, setOverlayOpacity, setHeatmapThreshold,
+                      heatmapThreshold, heatmapDisplayMax, calibratedThreshold, addColorLegend, DEFAULT_OPACITY)
+from .nodes import findResultNode, findResultNodes, removeResultNodes
+from . import nodes
+from .review import (fillSliceScoreTable, fillRegionTable, setupSliceScorePlot, jumpSlicesToRAS, sliceCentre,
+                     regionCentre, nextRegionRow, summarize, percentileWords)
+from .segmentation import createSegmentation, rankedRegionLabels
+from .saving import saveFileResults, safeBaseName
+from .pipeline import SceneResult, applyResult, detectVolumeNode, processFiles, reportOf, saveSceneResults

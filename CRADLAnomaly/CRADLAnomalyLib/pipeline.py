@@ -1,0 +1,170 @@
+"""Volume node -> core -> result nodes; saving; batch over files. No Qt: runs in the app and here.
+
+``detectVolumeNode`` is the whole flow for one volume node: geometry out of the scene, the core's
+``detect``, then ``applyResult`` builds (or updates in place) this input's result nodes. The scene
+is only touched after the core has finished, so an error or a cancel leaves it as it was.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import display as D
+from . import nodes as N
+from . import review as R
+from .errors import BridgeError
+from .geometry import imageFromVolumeNode, maskImageFromNode, placeOnInputGrid
+from .saving import safeBaseName, saveFileResults
+from .segmentation import createSegmentation
+
+
+@dataclass
+class SceneResult:
+    """The nodes made for one input, and the JSON-able report."""
+    inputNode: object
+    heatmapNode: object
+    reportNode: object
+    sliceTableNode: object
+    chartNode: object
+    regionTableNode: object
+    report: dict = field(default_factory=dict)
+
+
+def _report(result) -> dict:
+    report = result.to_report() if hasattr(result, "to_report") else {}
+    # Make sure it is plain JSON (the core's report should be already).
+    return json.loads(json.dumps(report, default=lambda v: v.item() if hasattr(v, "item") else str(v)))
+
+
+def applyResult(scene, inputNode, result, inputImage=None, show: bool = True,
+                opacity: float = D.DEFAULT_OPACITY) -> SceneResult:
+    """Build or refresh this input's result nodes from a core result.
+
+    ``result`` needs ``heatmap`` (SimpleITK image on the input's world grid), ``threshold``,
+    ``slice_scores``, ``regions`` and ``to_report()``. Nodes of an earlier run for the same input
+    are updated in place (same node IDs), a now stale segmentation is removed; on error every node
+    created here is removed again.
+    """
+    import slicer
+
+    if inputImage is None:
+        inputImage = imageFromVolumeNode(inputNode)
+    created: list = []
+    try:
+        heatmapNode = N.getOrCreateResultNode(scene, inputNode, N.HEATMAP, "vtkMRMLScalarVolumeNode", created)
+        placeOnInputGrid(heatmapNode, inputNode, result.heatmap, inputImage)
+        threshold = float(result.threshold)
+        displayMax = D.displayRange(slicer.util.arrayFromVolume(heatmapNode), threshold)
+        D.setupHeatmapDisplay(heatmapNode, threshold, displayMax)
+
+        report = _report(result)
+        report.setdefault("threshold", threshold)
+        report["display_max"] = displayMax
+        report["input"] = {"name": inputNode.GetName(),
+                           "size": [int(v) for v in inputImage.GetSize()],
+                           "spacing": [float(v) for v in inputImage.GetSpacing()]}
+
+        sliceTable = N.getOrCreateResultNode(scene, inputNode, N.SLICE_TABLE, "vtkMRMLTableNode", created)
+        R.fillSliceScoreTable(sliceTable, result.slice_scores)
+        chart = R.setupSliceScorePlot(scene, inputNode, sliceTable, report.get("slice_score_limit"), created)
+
+        regionTable = N.getOrCreateResultNode(scene, inputNode, N.REGION_TABLE, "vtkMRMLTableNode", created)
+        R.fillRegionTable(regionTable, result.regions)
+
+        reportNode = N.getOrCreateResultNode(scene, inputNode, N.REPORT, "vtkMRMLTextNode", created)
+        reportNode.SetText(json.dumps(report, indent=2))
+
+        # The old segmentation belongs to the old heatmap.
+        N.removeResultNodes(scene, inputNode, roles=(N.SEGMENTATION,))
+    except Exception:
+        for node in reversed(created):
+            N.removeNodeAndDisplay(scene, node)
+        raise
+    if show:
+        D.showOverlay(scene, inputNode, heatmapNode, opacity)
+    return SceneResult(inputNode, heatmapNode, reportNode, sliceTable, chart, regionTable, report)
+
+
+def detectVolumeNode(scene, detector, inputNode, maskNode=None, progress=None, cancel=None,
+                     show: bool = True, opacity: float = D.DEFAULT_OPACITY) -> SceneResult:
+    """Run the core on a volume node and show the result. The input node is never modified."""
+    if inputNode is None or not inputNode.IsA("vtkMRMLScalarVolumeNode"):
+        raise BridgeError("Select a scalar MRI volume as input.")
+    if inputNode.IsA("vtkMRMLLabelMapVolumeNode"):
+        raise BridgeError(f'"{inputNode.GetName()}" is a label map, not an MRI scan.')
+    image = imageFromVolumeNode(inputNode)
+    mask = maskImageFromNode(maskNode, inputNode, scene) if maskNode is not None else None
+    start = time.time()
+    result = detector.detect(image, mask=mask, heatmap=True, progress=progress, cancel=cancel)
+    logging.info("CRADL: detection on %s took %.1f s", inputNode.GetName(), time.time() - start)
+    return applyResult(scene, inputNode, result, image, show=show, opacity=opacity)
+
+
+def reportOf(scene, inputNode) -> dict | None:
+    node = N.findResultNode(scene, inputNode, N.REPORT)
+    if node is None or not node.GetText():
+        return None
+    return json.loads(node.GetText())
+
+
+def saveSceneResults(scene, inputNode, outputDir: str, createSegmentationIfMissing: bool = True) -> dict:
+    """Heatmap, segmentation (.seg.nrrd, made at the current threshold when missing) and report of
+    this input to ``outputDir``, atomically. Returns the written paths."""
+    heatmapNode = N.findResultNode(scene, inputNode, N.HEATMAP)
+    report = reportOf(scene, inputNode)
+    if heatmapNode is None or report is None:
+        raise BridgeError(f'There is no anomaly result for "{inputNode.GetName()}" yet: run detection first.')
+    segmentationNode = N.findResultNode(scene, inputNode, N.SEGMENTATION)
+    if segmentationNode is None and createSegmentationIfMissing:
+        segmentationNode = createSegmentation(scene, inputNode, heatmapNode, D.heatmapThreshold(heatmapNode))
+    report = dict(report)
+    report["display_threshold"] = D.heatmapThreshold(heatmapNode)
+    heatmapImage = imageFromVolumeNode(heatmapNode)
+    hasSegments = segmentationNode is not None and segmentationNode.GetSegmentation().GetNumberOfSegments() > 0
+    labelImage = None
+    if not hasSegments:
+        # An empty segmentation cannot be written as .seg.nrrd; an all-zero label map says the same.
+        import SimpleITK as sitk
+        labelImage = sitk.Image(heatmapImage.GetSize(), sitk.sitkUInt16)
+        labelImage.CopyInformation(heatmapImage)
+    return saveFileResults(outputDir, inputNode.GetName(), heatmapImage, report, labelImage=labelImage,
+                           segmentationNode=segmentationNode if hasSegments else None)
+
+
+def processFiles(detector, paths, outputDir: str, progress=None, cancel=None, log=None) -> list[dict]:
+    """Batch mode without the scene: detect on each file (or DICOM folder) and write heatmap,
+    region label map and report per input into ``outputDir``. A failing input is reported and
+    skipped; the others still run. Returns one entry per input: {input, ok, files | error}."""
+    log = log or logging.info
+    paths = [str(p) for p in paths]
+    used: dict[str, int] = {}
+    summary = []
+    for n, path in enumerate(paths):
+        base = safeBaseName(path)
+        used[base] = used.get(base, 0) + 1
+        if used[base] > 1:
+            base = f"{base}_{used[base]}"
+
+        def fileProgress(fraction, message="", _n=n):
+            if progress is not None:
+                progress((_n + float(fraction)) / len(paths), f"{os.path.basename(path)}: {message}")
+
+        try:
+            result = detector.detect(path, heatmap=True, progress=fileProgress, cancel=cancel)
+            report = _report(result)
+            report["input"] = {"path": os.path.abspath(path)}
+            files = saveFileResults(outputDir, base, result.heatmap, report, labelImage=result.region_labels)
+            summary.append({"input": path, "ok": True, "files": files,
+                            "volume_percentile": report.get("volume_percentile")})
+            log(f"CRADL: {path}: {R.percentileWords(report.get('volume_percentile', 0.0))}")
+        except Exception as error:  # noqa: BLE001 - batch keeps going; cancel stops it
+            if type(error).__name__ == "DetectionCancelled":
+                raise
+            summary.append({"input": path, "ok": False, "error": str(error)})
+            log(f"CRADL: {path}: FAILED: {error}")
+    return summary

@@ -1,0 +1,225 @@
+"""Headless review views: what a reviewer sees in Slicer's slice views, rendered to PNG.
+
+Uses Slicer's own slice pipeline (vtkMRMLApplicationLogic + vtkMRMLSliceLogic, background input,
+foreground heatmap through its colour table, threshold and opacity), so the pictures show the real
+blending, not an imitation. The legend and labels are drawn with Pillow (screenshots only).
+
+Make the README screenshots (needs a model; the bundled default one when --model is omitted):
+
+    python -m CRADLAnomalyLib.render --out Resources/Screenshots        # from CRADLAnomaly/
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numpy as np
+
+VIEWS = (("Red", "Axial"), ("Green", "Coronal"), ("Yellow", "Sagittal"))
+
+
+class ReviewScene:
+    """A scene with the application logic, colour tables and the three slice views (the logics are
+    kept here: they must live as long as the scene is rendered)."""
+
+    def __init__(self, scene, appLogic, colorLogic, sliceLogics):
+        self.scene, self.appLogic, self.colorLogic, self.sliceLogics = scene, appLogic, colorLogic, sliceLogics
+
+
+def newReviewScene(viewSize: int = 400) -> ReviewScene:
+    """A scene with colour tables and the three standard slice views, as in the application."""
+    import slicer
+
+    scene = slicer.vtkMRMLScene()
+    appLogic = slicer.vtkMRMLApplicationLogic()
+    appLogic.SetMRMLScene(scene)
+    colorLogic = slicer.vtkMRMLColorLogic()
+    colorLogic.SetMRMLScene(scene)
+    sliceLogics = {}
+    for layoutName, orientation in VIEWS:
+        sliceLogic = slicer.vtkMRMLSliceLogic()
+        sliceLogic.SetMRMLScene(scene)
+        sliceNode = sliceLogic.AddSliceNode(layoutName)
+        sliceNode.SetOrientation(orientation)
+        sliceNode.SetDimensions(viewSize, viewSize, 1)
+        sliceLogics[layoutName] = sliceLogic
+    appLogic.SetSliceLogics(_collection(sliceLogics.values()))
+    return ReviewScene(scene, appLogic, colorLogic, sliceLogics)
+
+
+def _collection(items):
+    import vtk
+
+    collection = vtk.vtkCollection()
+    for item in items:
+        collection.AddItem(item)
+    return collection
+
+
+def ensureGreyDisplay(volumeNode, window=None):
+    """A grey display node with an automatic (or given) window, as the application creates on load."""
+    import slicer
+
+    display = volumeNode.GetDisplayNode()
+    if display is None:
+        scene = volumeNode.GetScene()
+        display = slicer.vtkMRMLScalarVolumeDisplayNode()
+        scene.AddNode(display)
+        display.SetAndObserveColorNodeID("vtkMRMLColorTableNodeGrey")
+        volumeNode.SetAndObserveDisplayNodeID(display.GetID())
+    array = slicer.util.arrayFromVolume(volumeNode)
+    lo, hi = (np.percentile(array[array > 0], [0.5, 99.5]) if np.any(array > 0) else (0.0, 1.0)) \
+        if window is None else window
+    display.SetAutoWindowLevel(0)
+    display.SetWindowLevelMinMax(float(lo), float(hi))
+    return display
+
+
+def renderSliceLogic(sliceLogic) -> np.ndarray:
+    """The blended slice view as an RGB uint8 array (rows top to bottom)."""
+    from vtk.util.numpy_support import vtk_to_numpy
+
+    port = sliceLogic.GetImageDataConnection()
+    producer = port.GetProducer()
+    producer.Update()
+    image = producer.GetOutputDataObject(port.GetIndex())
+    dims = image.GetDimensions()
+    scalars = vtk_to_numpy(image.GetPointData().GetScalars())
+    rgba = scalars.reshape(dims[1], dims[0], -1)[::-1]
+    rgb = rgba[..., :3].astype(float)
+    if rgba.shape[-1] == 4:  # outside the volume is transparent: show black like the application
+        rgb *= rgba[..., 3:4] / 255.0
+    return np.clip(rgb, 0, 255).astype(np.uint8)
+
+
+def renderViews(sliceLogics, centreRas=None) -> dict:
+    """Fit every view to the data, move each slice plane through ``centreRas``, render."""
+    images = {}
+    for layoutName, orientation in VIEWS:
+        sliceLogic = sliceLogics[layoutName]
+        sliceLogic.FitSliceToAll()
+        if centreRas is not None:
+            sliceLogic.GetSliceNode().JumpSliceByOffsetting(*[float(v) for v in centreRas])
+        images[orientation] = renderSliceLogic(sliceLogic)
+    return images
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    for name in ("DejaVuSans.ttf", "Arial.ttf", "LiberationSans-Regular.ttf"):
+        try:
+            return ImageFont.truetype(name, size)
+        except OSError:
+            continue
+    try:
+        import matplotlib
+
+        return ImageFont.truetype(os.path.join(matplotlib.get_data_path(), "fonts", "ttf", "DejaVuSans.ttf"), size)
+    except Exception:  # noqa: BLE001
+        return ImageFont.load_default()
+
+
+def legendPanel(height: int, displayMax: float, threshold: float, width: int = 118):
+    """Colour legend with ticks, the threshold marked; returns a PIL image."""
+    from PIL import Image, ImageDraw
+
+    from .colors import legendImage
+
+    panel = Image.new("RGB", (width, height), (18, 18, 22))
+    draw = ImageDraw.Draw(panel)
+    top, bottom, barX, barW = 34, height - 26, 14, 22
+    bar = legendImage(bottom - top, barW, background=(18, 18, 22))
+    panel.paste(Image.fromarray(bar), (barX, top))
+    draw.rectangle([barX - 1, top - 1, barX + barW, bottom], outline=(150, 150, 150))
+    small, tiny = _font(14), _font(12)
+    draw.text((barX - 4, 8), "Anomaly", fill=(235, 235, 235), font=small)
+    for value in np.linspace(0.0, displayMax, 5):
+        y = bottom - (bottom - top) * value / displayMax
+        draw.line([barX + barW, y, barX + barW + 5, y], fill=(200, 200, 200))
+        draw.text((barX + barW + 8, y - 7), f"{value:.2g}", fill=(220, 220, 220), font=tiny)
+    if 0 < threshold < displayMax:
+        y = bottom - (bottom - top) * threshold / displayMax
+        draw.line([barX - 6, y, barX + barW + 2, y], fill=(90, 200, 255), width=2)
+        draw.text((barX + barW + 8, y + 4), "threshold", fill=(90, 200, 255), font=tiny)
+    return panel
+
+
+def composeFigure(images: dict, displayMax: float, threshold: float, title: str = "", subtitle: str = ""):
+    """Axial | coronal | sagittal with labels, plus the legend; returns a PIL image."""
+    from PIL import Image, ImageDraw
+
+    tiles = [Image.fromarray(images[name]) for _, name in VIEWS]
+    h = max(t.height for t in tiles)
+    header = 58 if title or subtitle else 0
+    legend = legendPanel(h, displayMax, threshold)
+    gap = 4
+    width = sum(t.width for t in tiles) + gap * (len(tiles) - 1) + legend.width + gap
+    figure = Image.new("RGB", (width, h + header), (18, 18, 22))
+    draw = ImageDraw.Draw(figure)
+    if title:
+        draw.text((12, 8), title, fill=(240, 240, 240), font=_font(18))
+    if subtitle:
+        draw.text((12, 33), subtitle, fill=(190, 190, 190), font=_font(13))
+    x = 0
+    label = _font(15)
+    colours = {"Axial": (242, 80, 80), "Coronal": (110, 200, 100), "Sagittal": (240, 210, 70)}
+    for (layoutName, name), tile in zip(VIEWS, tiles):
+        figure.paste(tile, (x, header))
+        draw.rectangle([x, header, x + 4, header + 22], fill=colours[name])
+        draw.text((x + 10, header + 3), name, fill=(235, 235, 235), font=label)
+        x += tile.width + gap
+    figure.paste(legend, (x, header))
+    return figure
+
+
+def renderReview(scene, sliceLogics, inputNode, heatmapNode, centreRas, title="", subtitle=""):
+    """Render the three views of an input with its heatmap overlay into a composed PIL figure."""
+    from .display import heatmapDisplayMax, heatmapThreshold, showOverlay
+
+    ensureGreyDisplay(inputNode)
+    showOverlay(scene, inputNode, heatmapNode)
+    images = renderViews(sliceLogics, centreRas)
+    return composeFigure(images, heatmapDisplayMax(heatmapNode), heatmapThreshold(heatmapNode), title, subtitle), images
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Render headless CRADL review views of a generated sample scan.")
+    parser.add_argument("--model", default=None, help="model bundle (.cradl); default: the bundled model")
+    parser.add_argument("--out", default="Resources/Screenshots", help="output folder for the PNGs")
+    parser.add_argument("--size", type=int, default=360, help="pixels per view")
+    args = parser.parse_args(argv)
+
+    import slicer  # noqa: F401
+    from cradl import AnomalyDetector
+
+    from . import geometry, pipeline, review
+    from .sample import sampleScan
+
+    detector = AnomalyDetector.load(args.model, device="cpu")
+    image, lesionLps = sampleScan(detector.space.template)
+    review_ = newReviewScene(args.size)
+    scene, sliceLogics = review_.scene, review_.sliceLogics
+    inputNode = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "Sample T1 with lesion")
+    geometry.updateVolumeNodeFromImage(inputNode, image)
+    result = pipeline.detectVolumeNode(scene, detector, inputNode)
+    regions = result.report.get("regions") or []
+    centre = regions[0]["centre_ras"] if regions else geometry._space().lps_to_ras(lesionLps)
+    info = detector.info
+    figure, images = renderReview(
+        scene, sliceLogics, inputNode, result.heatmapNode, centre,
+        title=f"CRADL anomaly heatmap \u2014 {review.percentileWords(result.report['volume_percentile'])}",
+        subtitle=f"Generated sample scan (template + inserted lesion, oblique & flipped grid); "
+                 f"model {info['name']} {info['version']}; views through the top-ranked region")
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "review_views.png")
+    tmp = path + ".tmp.png"
+    figure.save(tmp)
+    os.replace(tmp, path)
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""Review nodes: slice-score table + plot, ranked-region table, jumping the views, plain words.
+
+Everything here is fed with plain numbers (the result's ``slice_scores`` and ``regions``, or
+dicts from its JSON report), so it is testable without a model.
+"""
+from __future__ import annotations
+
+import numpy as np
+import vtk
+
+from . import nodes as N
+
+SLICE_COLUMNS = ("Slice", "Score", "R", "A", "S")
+REGION_COLUMNS = ("Rank", "R", "A", "S", "Volume", "Peak", "Mean", "Voxels")
+_REGION_UNITS = {"R": "mm", "A": "mm", "S": "mm", "Volume": "mm3"}
+_REGION_DESCRIPTIONS = {
+    "Rank": "Rank by peak anomaly score (1 = most anomalous)",
+    "R": "Centre, right (+) / left (-) coordinate", "A": "Centre, anterior (+) / posterior (-)",
+    "S": "Centre, superior (+) / inferior (-)", "Volume": "Region volume",
+    "Peak": "Highest heatmap value in the region", "Mean": "Mean heatmap value in the region",
+    "Voxels": "Number of voxels of the input scan in the region",
+}
+
+
+def _get(item, name, default=None):
+    """Attribute of a core dataclass or key of its JSON dict."""
+    if isinstance(item, dict):
+        return item.get(name, default)
+    return getattr(item, name, default)
+
+
+def _fillTable(tableNode, columns: dict, types: dict, units: dict | None = None, descriptions: dict | None = None):
+    table = tableNode.GetTable()
+    wasModifying = tableNode.StartModify()
+    table.Initialize()
+    for name, values in columns.items():
+        array = vtk.vtkIntArray() if types.get(name) == "int" else vtk.vtkDoubleArray()
+        array.SetName(name)
+        array.SetNumberOfValues(len(values))
+        for i, v in enumerate(values):
+            array.SetValue(i, int(v) if types.get(name) == "int" else float(v))
+        table.AddColumn(array)
+    for name in columns:
+        tableNode.SetColumnType(name, vtk.VTK_INT if types.get(name) == "int" else vtk.VTK_DOUBLE)
+        if units and name in units:
+            tableNode.SetColumnUnitLabel(name, units[name])
+        if descriptions and name in descriptions:
+            tableNode.SetColumnDescription(name, descriptions[name])
+    tableNode.SetLocked(True)
+    table.Modified()
+    tableNode.Modified()
+    tableNode.EndModify(wasModifying)
+    return tableNode
+
+
+def tableColumn(tableNode, name) -> np.ndarray:
+    array = tableNode.GetTable().GetColumnByName(name)
+    if array is None:
+        raise KeyError(name)
+    return np.array([array.GetValue(i) for i in range(array.GetNumberOfTuples())])
+
+
+def fillSliceScoreTable(tableNode, sliceScores):
+    rows = sorted(sliceScores, key=lambda s: _get(s, "index"))
+    centres = np.array([_get(s, "centre_ras") for s in rows], dtype=float).reshape(-1, 3)
+    columns = {
+        "Slice": [_get(s, "index") for s in rows],
+        "Score": [_get(s, "score") for s in rows],
+    }
+    if rows and all(_get(s, "z") is not None for s in rows):
+        columns["z"] = [_get(s, "z") for s in rows]
+    columns.update({"R": centres[:, 0], "A": centres[:, 1], "S": centres[:, 2]})
+    return _fillTable(tableNode, columns, {"Slice": "int"}, units={"R": "mm", "A": "mm", "S": "mm"},
+                      descriptions={"Slice": "Axial slice of the model's reference space (inferior to superior)",
+                                    "Score": "Slice anomaly score: negative log-likelihood under the normal model",
+                                    "z": "Slice score in standard deviations above normal scans at this position"})
+
+
+def plottedColumn(tableNode) -> str:
+    """The plot shows the position-standardised score (z) when the model provides it."""
+    return "z" if tableNode.GetTable().GetColumnByName("z") is not None else "Score"
+
+
+def fillRegionTable(tableNode, regions):
+    rows = sorted(regions, key=lambda r: _get(r, "rank"))
+    centres = np.array([_get(r, "centre_ras") for r in rows], dtype=float).reshape(-1, 3)
+    return _fillTable(tableNode, {
+        "Rank": [_get(r, "rank") for r in rows],
+        "R": centres[:, 0], "A": centres[:, 1], "S": centres[:, 2],
+        "Volume": [_get(r, "volume_mm3") for r in rows],
+        "Peak": [_get(r, "peak") for r in rows],
+        "Mean": [_get(r, "mean") for r in rows],
+        "Voxels": [_get(r, "voxel_count") for r in rows],
+    }, {"Rank": "int", "Voxels": "int"}, units=_REGION_UNITS, descriptions=_REGION_DESCRIPTIONS)
+
+
+def setupSliceScorePlot(scene, inputNode, tableNode, referenceScore: float | None = None, created=None):
+    """Plot series (score against slice) and chart; with ``referenceScore`` a dashed line marks it
+    (e.g. the highest slice score seen on normal calibration scans). Returns the chart node."""
+    import slicer
+
+    series = N.getOrCreateResultNode(scene, inputNode, N.SLICE_SERIES, "vtkMRMLPlotSeriesNode", created)
+    series.SetAndObserveTableNodeID(tableNode.GetID())
+    series.SetXColumnName("Slice")
+    yColumn = plottedColumn(tableNode)
+    series.SetYColumnName(yColumn)
+    series.SetPlotType(slicer.vtkMRMLPlotSeriesNode.PlotTypeScatter)
+    series.SetMarkerStyle(slicer.vtkMRMLPlotSeriesNode.MarkerStyleCircle)
+    series.SetMarkerSize(7)
+    series.SetLineWidth(2)
+    series.SetColor(0.90, 0.36, 0.18)
+
+    chart = N.getOrCreateResultNode(scene, inputNode, N.SLICE_CHART, "vtkMRMLPlotChartNode", created)
+    chart.RemoveAllPlotSeriesNodeIDs()
+    chart.AddAndObservePlotSeriesNodeID(series.GetID())
+    referenceSeries = N.findResultNode(scene, inputNode, N.SLICE_THRESHOLD_SERIES)
+    if referenceScore is not None:
+        referenceTable = tableNode  # add a constant column next to the scores
+        column = vtk.vtkDoubleArray()
+        column.SetName("Normal limit")
+        column.SetNumberOfValues(tableNode.GetTable().GetNumberOfRows())
+        column.Fill(float(referenceScore))
+        tableNode.GetTable().AddColumn(column)
+        tableNode.SetColumnType("Normal limit", vtk.VTK_DOUBLE)
+        referenceSeries = N.getOrCreateResultNode(scene, inputNode, N.SLICE_THRESHOLD_SERIES,
+                                                  "vtkMRMLPlotSeriesNode", created)
+        referenceSeries.SetAndObserveTableNodeID(referenceTable.GetID())
+        referenceSeries.SetXColumnName("Slice")
+        referenceSeries.SetYColumnName("Normal limit")
+        referenceSeries.SetPlotType(slicer.vtkMRMLPlotSeriesNode.PlotTypeLine)
+        referenceSeries.SetLineStyle(slicer.vtkMRMLPlotSeriesNode.LineStyleDash)
+        referenceSeries.SetMarkerStyle(slicer.vtkMRMLPlotSeriesNode.MarkerStyleNone)
+        referenceSeries.SetColor(0.45, 0.45, 0.45)
+        chart.AddAndObservePlotSeriesNodeID(referenceSeries.GetID())
+    elif referenceSeries is not None:
+        N.removeNodeAndDisplay(scene, referenceSeries)
+    chart.SetTitle(f"Slice anomaly scores: {inputNode.GetName()}")
+    chart.SetXAxisTitle("Axial slice (inferior \u2192 superior)")
+    chart.SetYAxisTitle("Anomaly (SD above normal scans)" if yColumn == "z" else "Anomaly score")
+    chart.SetLegendVisibility(False)
+    return chart
+
+
+def sliceCentre(tableNode, row: int) -> tuple[float, float, float]:
+    """RAS centre of the slice in ``row`` of the slice-score table (for click-to-jump)."""
+    return tuple(float(tableColumn(tableNode, c)[row]) for c in ("R", "A", "S"))
+
+
+def regionCentre(tableNode, row: int) -> tuple[float, float, float]:
+    return tuple(float(tableColumn(tableNode, c)[row]) for c in ("R", "A", "S"))
+
+
+def nextRegionRow(tableNode, currentRow: int | None) -> int | None:
+    """Row after ``currentRow`` (wrapping), the first row when none is selected; None when empty."""
+    n = tableNode.GetTable().GetNumberOfRows()
+    if n == 0:
+        return None
+    if currentRow is None or currentRow < 0:
+        return 0
+    return (currentRow + 1) % n
+
+
+def jumpSlicesToRAS(scene, ras, centered: bool = True):
+    """Move every slice view to ``ras`` (world RAS mm); centred views keep it in the middle."""
+    import slicer
+
+    collection = scene.GetNodesByClass("vtkMRMLSliceNode")
+    for i in range(collection.GetNumberOfItems()):
+        sliceNode = collection.GetItemAsObject(i)
+        if centered:
+            sliceNode.JumpSliceByCentering(*[float(v) for v in ras])
+        else:
+            sliceNode.JumpSliceByOffsetting(*[float(v) for v in ras])
+    return collection.GetNumberOfItems()
+
+
+# --- words a radiologist understands -------------------------------------------------------------
+
+def percentileWords(percentile: float) -> str:
+    p = float(percentile)
+    if p >= 99.0:
+        return "highly unusual: more anomalous than 99% of the normal reference scans"
+    if p >= 95.0:
+        return f"unusual: more anomalous than {int(np.floor(p))}% of the normal reference scans"
+    if p >= 75.0:
+        return f"upper end of normal (more anomalous than {int(np.floor(p))}% of normal reference scans)"
+    return f"within the normal range ({int(np.floor(p))}th percentile of normal reference scans)"
+
+
+def _fmt_volume(mm3: float) -> str:
+    return f"{mm3 / 1000.0:.1f} cm\u00b3" if mm3 >= 1000 else f"{mm3:.0f} mm\u00b3"
+
+
+def summarize(report: dict) -> str:
+    """Two or three plain sentences for the panel (and the console)."""
+    percentile = float(report.get("volume_percentile", 0.0))
+    score = float(report.get("volume_score", 0.0))
+    regions = report.get("regions") or []
+    lines = [f"Whole scan: {percentileWords(percentile)} (score {score:.3g})."]
+    if not regions:
+        lines.append("No region exceeds the anomaly threshold.")
+    else:
+        top = sorted(regions, key=lambda r: _get(r, "rank"))[0]
+        total = sum(float(_get(r, "volume_mm3", 0.0)) for r in regions)
+        c = [float(v) for v in _get(top, "centre_ras")]
+        plural = "region exceeds" if len(regions) == 1 else "regions exceed"
+        lines.append(f"{len(regions)} {plural} the anomaly threshold ({_fmt_volume(total)} in total); "
+                     f"the strongest, {_fmt_volume(float(_get(top, 'volume_mm3', 0.0)))}, is centred at "
+                     f"R {c[0]:.0f}, A {c[1]:.0f}, S {c[2]:.0f} mm.")
+    lines.append("Research tool: it flags what differs from the normal scans it learned, not a diagnosis.")
+    return " ".join(lines)

@@ -1,0 +1,142 @@
+"""Saving results atomically: every file is first written under a temporary name in the target
+folder, and only when all of them are complete are they renamed into place. A failure leaves no
+partial file and no temporary behind; files of an earlier save stay as they were."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from contextlib import contextmanager
+
+import numpy as np
+
+from .errors import BridgeError
+
+HEATMAP_SUFFIX = "_anomaly_heatmap.nii.gz"
+REGIONS_LABEL_SUFFIX = "_anomaly_regions.nii.gz"
+SEGMENTATION_SUFFIX = "_anomaly_regions.seg.nrrd"
+REPORT_SUFFIX = "_anomaly_report.json"
+
+
+def safeBaseName(name: str) -> str:
+    """A file-name stem from a node name or input path ('T1 brain.nii.gz' -> 'T1_brain')."""
+    base = os.path.basename(os.path.normpath(str(name)))
+    for ext in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".seg.nrrd", ".gz", ".dcm"):
+        if base.lower().endswith(ext):
+            base = base[: -len(ext)]
+            break
+    base = re.sub(r"[^A-Za-z0-9._-]+", "_", base).strip("._")
+    return base or "scan"
+
+
+def _tempPath(directory: str, finalName: str) -> str:
+    # Keep the real extension at the end: writers choose the format from it.
+    fd, path = tempfile.mkstemp(prefix=".cradl-tmp-", suffix="-" + finalName, dir=directory)
+    os.close(fd)
+    return path
+
+
+class AtomicFileSet:
+    """Collects temporary files; ``commit()`` renames them all, otherwise they are removed."""
+
+    def __init__(self, directory: str):
+        self.directory = os.path.abspath(directory)
+        self._pending: list[tuple[str, str]] = []
+
+    def path(self, finalName: str) -> str:
+        temp = _tempPath(self.directory, finalName)
+        self._pending.append((temp, os.path.join(self.directory, finalName)))
+        return temp
+
+    def commit(self) -> list[str]:
+        for temp, final in self._pending:
+            if not os.path.isfile(temp) or os.path.getsize(temp) == 0:
+                raise BridgeError(f"Writing {os.path.basename(final)} failed (no data was written).")
+        done = []
+        for temp, final in self._pending:
+            os.replace(temp, final)
+            done.append(final)
+        self._pending = []
+        return done
+
+    def discard(self):
+        for temp, _ in self._pending:
+            try:
+                os.remove(temp)
+            except FileNotFoundError:
+                pass
+        self._pending = []
+
+
+@contextmanager
+def atomicFiles(directory: str):
+    if not directory:
+        raise BridgeError("No output folder given.")
+    os.makedirs(directory, exist_ok=True)
+    if not os.access(directory, os.W_OK):
+        raise BridgeError(f"The output folder {directory} is not writable.")
+    files = AtomicFileSet(directory)
+    try:
+        yield files
+    except BaseException:
+        files.discard()
+        raise
+    files.discard()  # anything not committed
+
+
+def _jsonDefault(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def writeJson(path: str, data: dict):
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, default=_jsonDefault)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def writeImage(path: str, image, compress: bool = True):
+    import SimpleITK as sitk
+
+    sitk.WriteImage(image, path, compress)
+
+
+def writeSegmentation(path: str, segmentationNode):
+    """Write a segmentation node to .seg.nrrd through its storage node class (no scene change)."""
+    import slicer
+
+    storage = slicer.vtkMRMLSegmentationStorageNode()
+    storage.SetFileName(path)
+    if not storage.WriteData(segmentationNode):
+        raise BridgeError(f"Could not write the segmentation to {os.path.basename(path)}.")
+
+
+def saveFileResults(outputDir: str, baseName: str, heatmapImage, report: dict,
+                    labelImage=None, segmentationNode=None) -> dict:
+    """Heatmap (NIfTI), regions (label map NIfTI and/or segmentation .seg.nrrd) and JSON report,
+    all or nothing. Returns {kind: final path}."""
+    base = safeBaseName(baseName)
+    names = {"heatmap": base + HEATMAP_SUFFIX, "report": base + REPORT_SUFFIX}
+    if labelImage is not None:
+        names["regions"] = base + REGIONS_LABEL_SUFFIX
+    if segmentationNode is not None:
+        names["segmentation"] = base + SEGMENTATION_SUFFIX
+    with atomicFiles(outputDir) as files:
+        temps = {kind: files.path(name) for kind, name in names.items()}
+        writeImage(temps["heatmap"], heatmapImage)
+        if labelImage is not None:
+            writeImage(temps["regions"], labelImage)
+        if segmentationNode is not None:
+            writeSegmentation(temps["segmentation"], segmentationNode)
+        report = dict(report)
+        report.setdefault("files", {})
+        report["files"] = {**report["files"], **{k: v for k, v in names.items() if k != "report"}}
+        writeJson(temps["report"], report)
+        files.commit()
+    return {kind: os.path.join(os.path.abspath(outputDir), name) for kind, name in names.items()}
