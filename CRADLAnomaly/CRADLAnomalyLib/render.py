@@ -223,3 +223,50 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def drawIcon(size: int = 128):
+    """The extension icon: an axial brain slice (gyri, fissure, ventricles) with a heat spot, on a
+    dark rounded tile. Drawn at 4x and downsampled for smooth edges. Returns a PIL RGBA image."""
+    from PIL import Image, ImageDraw, ImageFilter
+
+    from .colors import heatRGBA
+
+    s = 4 * size
+    y, x = np.mgrid[0:s, 0:s].astype(float) / s - 0.5  # [-0.5, 0.5)
+    angle = np.arctan2(y, x)
+    radius = np.hypot(x / 0.36, y / 0.43)  # brain ellipse, taller than wide
+    folds = 0.035 * np.sin(13 * angle) + 0.02 * np.sin(29 * angle + 0.6)
+    brain = radius < 1.0 + folds * 0.9
+    cortex = brain & (radius > 0.80 + folds * 1.4)
+    fissure = (np.abs(x) < 0.012) & (np.abs(y) < 0.43) & ~((y > -0.05) & (y < 0.08))
+    bend = 0.06 * np.cos(np.pi * (y + 0.02) / 0.3)  # lateral ventricles curve outwards: a butterfly
+    ventricles = np.hypot((np.abs(x) - 0.035 - bend) / 0.022, (y + 0.02) / 0.15) < 1.0
+    wiggle = 0.25 * np.sin(23 * radius) + 0.12 * np.sin(37 * radius + angle)
+    sulci = brain & (np.cos(22 * angle + wiggle) > 0.965) & (radius > 0.58 + 0.08 * np.sin(7 * angle))
+
+    tissue = np.where(cortex, 0.55, 0.82)
+    tissue = np.where(sulci | fissure, 0.28, tissue)
+    tissue = np.where(ventricles, 0.18, tissue)
+    grey = np.where(brain, tissue, 0.0)
+
+    # Heat spot in the (image) right hemisphere, upper part.
+    d = np.hypot((x - 0.14) / 0.11, (y + 0.13) / 0.10)
+    heat = np.exp(-d ** 2 * 1.6) * brain
+    lut = heatRGBA()
+    idx = np.clip((heat * 255).astype(int), 0, 255)
+    colour, alpha = lut[idx, :3], lut[idx, 3:4] * 0.95
+    rgb = grey[..., None] * np.array([0.93, 0.95, 1.0]) * (1 - alpha) + colour * alpha
+
+    background = np.array([0.11, 0.13, 0.18])
+    rgb = np.where(brain[..., None], rgb, background)
+    image = Image.fromarray((np.clip(rgb, 0, 1) * 255).astype(np.uint8), "RGB").convert("RGBA")
+    mask = Image.new("L", (s, s), 0)
+    ImageDraw.Draw(mask).rounded_rectangle([0, 0, s - 1, s - 1], radius=int(0.18 * s), fill=255)
+    image.putalpha(mask)
+    glow = Image.new("RGBA", (s, s), (0, 0, 0, 0))
+    ImageDraw.Draw(glow).ellipse([int(0.5 * s - 0.40 * s), int(0.5 * s - 0.47 * s),
+                                  int(0.5 * s + 0.40 * s), int(0.5 * s + 0.47 * s)],
+                                 outline=(120, 160, 255, 70), width=int(0.012 * s))
+    image = Image.alpha_composite(image, glow.filter(ImageFilter.GaussianBlur(0.01 * s)))
+    return image.resize((size, size), Image.LANCZOS)

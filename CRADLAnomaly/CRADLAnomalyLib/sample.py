@@ -53,19 +53,8 @@ def sampleScan(template, lesionCentreLps=None, spacing=(1.6, 1.4, 2.2), directio
     import SimpleITK as sitk
 
     template = sitk.Cast(template, sitk.sitkFloat32)
-    direction = obliqueDirection() if direction is None else np.asarray(direction, dtype=float)
     size = np.array(template.GetSize())
-    corners = np.array([[i, j, k] for i in (0, size[0] - 1) for j in (0, size[1] - 1) for k in (0, size[2] - 1)])
-    world = np.array([template.TransformContinuousIndexToPhysicalPoint([float(v) for v in c]) for c in corners])
-    local = world @ direction  # coordinates along the new axes
-    lo, hi = local.min(0), local.max(0)
-    spacing = np.asarray(spacing, dtype=float)
-    newSize = np.ceil((hi - lo) / spacing).astype(int) + 1
-    reference = sitk.Image([int(v) for v in newSize], sitk.sitkFloat32)
-    reference.SetSpacing([float(v) for v in spacing])
-    reference.SetDirection([float(v) for v in direction.ravel()])
-    reference.SetOrigin([float(v) for v in direction @ lo])
-    image = sitk.Resample(template, reference, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    image = resampleOblique(template, spacing, direction)
     if lesionCentreLps is None:
         centre = np.array(template.TransformContinuousIndexToPhysicalPoint([float(v) for v in (size - 1) / 2]))
         lesionCentreLps = centre + np.array([-22.0, -8.0, 12.0])  # left hemisphere, a little superior
@@ -78,3 +67,24 @@ def sampleScan(template, lesionCentreLps=None, spacing=(1.6, 1.4, 2.2), directio
         noisy.CopyInformation(image)
         image = noisy
     return image, np.asarray(lesionCentreLps, dtype=float)
+
+
+def resampleOblique(template, spacing=(1.6, 1.4, 2.2), direction=None):
+    """``template`` resampled (linear) onto a grid with ``direction`` (default: oblique, L-R flipped)
+    and anisotropic ``spacing`` that covers all of it."""
+    import SimpleITK as sitk
+
+    direction = obliqueDirection() if direction is None else np.asarray(direction, dtype=float)
+    size = np.array(template.GetSize())
+    corners = np.array([[i, j, k] for i in (0, size[0] - 1) for j in (0, size[1] - 1) for k in (0, size[2] - 1)])
+    world = np.array([template.TransformContinuousIndexToPhysicalPoint([float(v) for v in c]) for c in corners])
+    local = world @ direction  # coordinates along the new axes
+    lo, hi = local.min(0), local.max(0)
+    spacing = np.asarray(spacing, dtype=float)
+    newSize = np.ceil((hi - lo) / spacing).astype(int) + 1
+    reference = sitk.Image([int(v) for v in newSize], sitk.sitkFloat32)
+    reference.SetSpacing([float(v) for v in spacing])
+    reference.SetDirection([float(v) for v in direction.ravel()])
+    reference.SetOrigin([float(v) for v in direction @ lo])
+    return sitk.Resample(sitk.Cast(template, sitk.sitkFloat32), reference, sitk.Transform(), sitk.sitkLinear,
+                         0.0, sitk.sitkFloat32)
