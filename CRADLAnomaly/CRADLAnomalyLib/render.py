@@ -184,34 +184,63 @@ def renderReview(scene, sliceLogics, inputNode, heatmapNode, centreRas, title=""
     return composeFigure(images, heatmapDisplayMax(heatmapNode), heatmapThreshold(heatmapNode), title, subtitle), images
 
 
+def _sampleCase(detector, case: str):
+    """(image, lesion centre LPS or None, caption) for the screenshot."""
+    import SimpleITK as sitk
+
+    from .sample import resampleOblique, sampleScan
+
+    if case == "template":
+        image, lesion = sampleScan(detector.space.template)
+        return image, lesion, "Model template with an inserted lesion on an oblique, flipped grid"
+    if case == "synthetic":
+        from cradl.evaluate.anomalies import insert_anomaly
+        from cradl.train.synthetic import make_normal_scan
+
+        rng = np.random.default_rng(2024)
+        normal, labels = make_normal_scan(rng, contrast="t1")
+        abnormal, mask = insert_anomaly(normal, labels, "tumour", 30.0, rng, contrast="t1")
+        index = np.argwhere(sitk.GetArrayViewFromImage(mask) > 0).mean(0)[::-1]
+        lesion = np.array(abnormal.TransformContinuousIndexToPhysicalPoint([float(v) for v in index]))
+        image = resampleOblique(abnormal, spacing=(1.2, 1.2, 1.5))
+        return image, lesion, "Synthetic T1 with a 30 mm tumour (oblique, flipped grid)"
+    image = sitk.ReadImage(case, sitk.sitkFloat32)
+    return image, None, os.path.basename(case)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Render headless CRADL review views of a generated sample scan.")
     parser.add_argument("--model", default=None, help="model bundle (.cradl); default: the bundled model")
     parser.add_argument("--out", default="Resources/Screenshots", help="output folder for the PNGs")
     parser.add_argument("--size", type=int, default=360, help="pixels per view")
+    parser.add_argument("--case", default="synthetic",
+                        help="'synthetic' (the core's synthetic brain with a tumour), 'template' (model template "
+                             "with a lesion) or a scan file")
     args = parser.parse_args(argv)
 
     import slicer  # noqa: F401
     from cradl import AnomalyDetector
 
     from . import geometry, pipeline, review
-    from .sample import sampleScan
-
     detector = AnomalyDetector.load(args.model, device="cpu")
-    image, lesionLps = sampleScan(detector.space.template)
+    image, lesionLps, caption = _sampleCase(detector, args.case)
     review_ = newReviewScene(args.size)
     scene, sliceLogics = review_.scene, review_.sliceLogics
     inputNode = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "Sample T1 with lesion")
     geometry.updateVolumeNodeFromImage(inputNode, image)
     result = pipeline.detectVolumeNode(scene, detector, inputNode)
     regions = result.report.get("regions") or []
-    centre = regions[0]["centre_ras"] if regions else geometry._space().lps_to_ras(lesionLps)
+    if regions:
+        centre = regions[0]["centre_ras"]
+    elif lesionLps is not None:
+        centre = geometry._space().lps_to_ras(lesionLps)
+    else:
+        centre = geometry.rasOfVoxel(inputNode, np.array(image.GetSize()) // 2)
     info = detector.info
     figure, images = renderReview(
         scene, sliceLogics, inputNode, result.heatmapNode, centre,
         title=f"CRADL anomaly heatmap \u2014 {review.percentileWords(result.report['volume_percentile'])}",
-        subtitle=f"Generated sample scan (template + inserted lesion, oblique & flipped grid); "
-                 f"model {info['name']} {info['version']}; views through the top-ranked region")
+        subtitle=f"{caption}; model {info['name']} {info['version']}; views through the top-ranked region")
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "review_views.png")
     tmp = path + ".tmp.png"
