@@ -1,0 +1,489 @@
+"""Methods scored side by side with the model: CRADL variants and the paper's baselines.
+
+Every method works on the same `PreparedScan` the detector makes (the model's reference space and
+intensity normalisation), is fitted on the model's own training split of the normal cohort, and is
+calibrated the same way the trainer calibrates CRADL (slice statistics on the validation split;
+heatmap scale, voxel threshold and normal volume scores on the calibration split). So only the
+scoring differs between methods, never the data or the calibration.
+
+* `CradlMethod`: an `AnomalyDetector` built around another encoder / mixture (K = 1, 2, 4, 8; the
+  projection head's output instead of the encoder's). The bundle stores no projection head: it is
+  taken from the training checkpoint (`MODEL.ckpt`, written by `train` with resume) when that holds
+  the bundle's encoder; otherwise a short SimCLR run gives a fresh encoder + head pair, and both its
+  encoder and its head features are scored, so the comparison stays like for like.
+* `ZScoreBaseline`: per-voxel intensity z-score against the normal cohort in reference space (one
+  atlas per contrast when the cohort records contrasts; a scan uses the atlas it correlates best with).
+* `VAEBaseline`: a small convolutional VAE on the same slices; sample level from a Gaussian mixture on
+  its latent means, voxel level from its reconstruction error.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.mixture import GaussianMixture
+from torch import nn
+from torch.nn import functional as F
+
+from ..bundle import ModelBundle
+from ..calibration import aggregate, fit_slice_statistics
+from ..detector import AnomalyDetector
+from ..encoder import ProjectionHead, SliceEncoder
+from ..gmm import GaussianMixtureNLL
+from ..localize import postprocess_saliency
+from ..preprocess import PreparedScan
+from ..train.trainer import TrainConfig, _calibrate, _simclr, encode, find_scans, prepare_all, split_scans
+
+log = logging.getLogger("cradl.evaluate")
+
+
+# ----------------------------------------------------------------------------- the normal cohort
+
+
+@dataclass
+class Cohort:
+    """The model's normal scans in its reference space, with the model's train / validation / calibration split."""
+
+    config: TrainConfig
+    paths: list[Path]
+    scans: list[PreparedScan]
+    train: np.ndarray
+    val: np.ndarray
+    cal: np.ndarray
+    contrasts: list[str | None]
+
+    def pick(self, idx) -> list[PreparedScan]:
+        return [self.scans[i] for i in idx]
+
+    def slices(self, idx) -> np.ndarray:
+        return np.concatenate([self.scans[i].slices for i in idx])
+
+
+def recipe_config(detector: AnomalyDetector, **overrides) -> TrainConfig:
+    """The TrainConfig a bundle was trained with (its manifest's recipe), with overrides."""
+    recipe = dict(detector.bundle.manifest.get("training", {}).get("recipe", {}))
+    names = {f.name for f in fields(TrainConfig)}
+    recipe = {k: v for k, v in recipe.items() if k in names}
+    if "gmm_components" in recipe:
+        recipe["gmm_components"] = tuple(recipe["gmm_components"])
+    recipe.update(overrides)
+    # detection settings of the bundle win over the recipe (they are what the detector uses)
+    recipe["localization"] = dict(detector.localization)
+    recipe["normalisation"] = dict(detector.normalisation)
+    recipe["min_brain_fraction"] = detector.min_brain_fraction
+    return TrainConfig(**recipe)
+
+
+def load_cohort(detector: AnomalyDetector, normal_dirs=None, cache: Path | None = None) -> Cohort:
+    """The normal scans the model was trained on (default: the folders its manifest names), prepared in its space."""
+    config = recipe_config(detector)
+    dirs = list(normal_dirs or detector.bundle.manifest.get("training", {}).get("data", []))
+    if not dirs:
+        raise ValueError("the model does not name its training data; pass the normal-scan folder")
+    paths = find_scans(dirs)
+    train, val, cal = split_scans(len(paths), config)
+    scans = prepare_all(paths, detector.space, config, cache)
+    # the trainer's cache holds float16 volumes (returned as such when it is reused): score in float32
+    scans = [PreparedScan(s.volume.astype(np.float32), s.mask.astype(bool), s.transform, s.slice_indices)
+             for s in scans]
+    contrasts = _cohort_contrasts(paths)
+    log.info("normal cohort: %d scans (%d train, %d validation, %d calibration)", len(paths), len(train),
+             len(val), len(cal))
+    return Cohort(config, paths, scans, train, val, cal, contrasts)
+
+
+def _cohort_contrasts(paths: list[Path]) -> list[str | None]:
+    records = {}
+    for folder in {p.parent for p in paths}:
+        cohort = folder / "cohort.json"
+        if cohort.exists():
+            for rec in json.loads(cohort.read_text()).get("scans", []):
+                records[str(folder / rec["image"])] = rec.get("contrast")
+    return [records.get(str(p)) for p in paths]
+
+
+def calibrate_heatmaps(heats: list[np.ndarray], masks: list[np.ndarray], config: TrainConfig) -> dict:
+    """Heatmap scale (99th percentile of normal values) and the voxel threshold that caps false alarms,
+    exactly as the trainer calibrates CRADL (so every method is thresholded on the same footing)."""
+    scale = float(np.percentile(np.concatenate([h[m] for h, m in zip(heats, masks)]), 99.0)) or 1.0
+    n_voxels = max(1, int(np.ceil(config.min_region_mm3 / config.spacing_mm ** 3)))
+    upper = [float(np.sort(h[m])[-n_voxels]) / scale for h, m in zip(heats, masks)]
+    return {"heatmap_scale": scale, "voxel_threshold": float(np.quantile(upper, config.false_alarm_quantile)),
+            "min_region_mm3": config.min_region_mm3, "normal_region_bounds": [round(u, 4) for u in upper]}
+
+
+# ----------------------------------------------------------------------------- method interface
+
+
+class Method:
+    """A scorer: prepared scan -> slice scores (for its slice_indices) and a reference-grid heatmap."""
+
+    name = "method"
+    family = "baseline"
+    calibration: dict
+
+    def score(self, prepared: PreparedScan, heatmap: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        raise NotImplementedError
+
+    def volume_score(self, nll: np.ndarray, indices: np.ndarray) -> float:
+        return aggregate(nll, indices, self.calibration)
+
+    @property
+    def threshold(self) -> float:
+        return float(self.calibration["voxel_threshold"])
+
+    @property
+    def min_region_mm3(self) -> float:
+        return float(self.calibration["min_region_mm3"])
+
+    def describe(self) -> dict:
+        return {"name": self.name, "family": self.family}
+
+
+class CradlMethod(Method):
+    """CRADL with a given feature extractor and mixture, through the detector's own scoring code."""
+
+    family = "cradl"
+
+    def __init__(self, name: str, detector: AnomalyDetector, info: dict | None = None):
+        self.name, self.detector, self.info = name, detector, dict(info or {})
+        self.calibration = detector.calibration
+
+    def score(self, prepared, heatmap=True):
+        if heatmap:
+            return self.detector.reference_heatmap(prepared)
+        from ..localize import score_slices
+        idx = prepared.slice_indices
+        return score_slices(prepared.volume[idx], self.detector.encoder, self.detector.gmm, self.detector.device), None
+
+    def describe(self):
+        return {"name": self.name, "family": self.family, "gmm_components": self.detector.gmm.n_components,
+                **self.info}
+
+
+class _HeadFeatures(nn.Module):
+    """Encoder followed by the SimCLR projection head: the 'head output' feature variant."""
+
+    def __init__(self, encoder: nn.Module, head: nn.Module):
+        super().__init__()
+        self.encoder, self.head = encoder, head
+        self.feature_dim = head.net[-1].out_features
+        self.width = getattr(encoder, "width", None)
+
+    def forward(self, x):
+        return self.head(self.encoder(x))
+
+
+def fit_mixture(train_features: np.ndarray, val_features: np.ndarray, k: int, config: TrainConfig
+                ) -> tuple[GaussianMixtureNLL, float]:
+    """A K-component full-covariance mixture on standardised features (as the trainer fits it) and its
+    held-out mean log-likelihood."""
+    mean, std = train_features.mean(0), train_features.std(0) + 1e-6
+    mixture = GaussianMixture(k, covariance_type="full", reg_covar=config.gmm_reg_covar, max_iter=300, n_init=2,
+                              random_state=config.seed).fit((train_features - mean) / std)
+    held_out = float(mixture.score((val_features - mean) / std))
+    return GaussianMixtureNLL.from_sklearn(mixture, mean, std), held_out
+
+
+def cradl_variant(base: AnomalyDetector, name: str, features: nn.Module, gmm: GaussianMixtureNLL, cohort: Cohort,
+                  info: dict | None = None) -> CradlMethod:
+    """A detector sharing the base's reference space and settings, with its own features, mixture and calibration."""
+    features = features.to(base.device).eval()
+    gmm = gmm.to(base.device).eval()
+    calibration = _calibrate(features, gmm, cohort.pick(cohort.val), cohort.pick(cohort.cal), cohort.config,
+                             base.device)
+    manifest = dict(base.bundle.manifest, calibration=calibration, name=f"{base.bundle.name}:{name}")
+    bundle = ModelBundle(manifest, features, gmm, base.bundle.template, base.bundle.template_mask, base.bundle.path)
+    return CradlMethod(name, AnomalyDetector(bundle, device=base.device, batch_size=base.batch_size), info)
+
+
+def cradl_k_variants(base: AnomalyDetector, cohort: Cohort, ks=(1, 2, 4, 8), prefix: str = "CRADL",
+                     features: nn.Module | None = None) -> list[CradlMethod]:
+    """CRADL with K = 1, 2, 4, 8 mixture components on the same features (default: the bundle's encoder).
+    The K the bundle itself holds is reused as it is (its own calibration), not refitted."""
+    features = features if features is not None else base.encoder
+    own = features is base.encoder
+    train_f = encode(features, cohort.slices(cohort.train), base.device)
+    val_f = encode(features, cohort.slices(cohort.val), base.device)
+    methods = []
+    for k in ks:
+        if k * 10 > len(train_f):
+            log.info("skipping K=%d: too few training slices", k)
+            continue
+        t = time.perf_counter()
+        if own and k == base.gmm.n_components:
+            methods.append(CradlMethod(f"{prefix} K={k}", base, {"k": k, "source": "bundle"}))
+            continue
+        gmm, held_out = fit_mixture(train_f, val_f, k, cohort.config)
+        methods.append(cradl_variant(base, f"{prefix} K={k}", features, gmm, cohort,
+                                     {"k": k, "validation_log_likelihood": round(held_out, 3)}))
+        log.info("%s K=%d fitted and calibrated in %.0f s", prefix, k, time.perf_counter() - t)
+    return methods
+
+
+def load_projection_head(base: AnomalyDetector, checkpoint: Path, projection_dim: int | None = None
+                         ) -> ProjectionHead | None:
+    """The SimCLR projection head from a training checkpoint, if that checkpoint holds the bundle's encoder."""
+    if not Path(checkpoint).is_file():
+        return None
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    enc_state = state.get("encoder", {})
+    own = base.bundle.encoder.state_dict()
+    if set(enc_state) != set(own) or not all(torch.allclose(enc_state[k].float().cpu(), own[k].float().cpu())
+                                               for k in own):
+        log.info("checkpoint %s does not hold this model's encoder; not using its head", checkpoint)
+        return None
+    head_state = state["head"]
+    feature_dim = head_state["net.0.weight"].shape[1]
+    head = ProjectionHead(feature_dim, projection_dim or head_state["net.2.weight"].shape[0])
+    head.load_state_dict(head_state)
+    return head.eval()
+
+
+def projection_head_variants(base: AnomalyDetector, cohort: Cohort, checkpoint: Path | None, short_epochs: int = 3,
+                             k: int | None = None) -> list[CradlMethod]:
+    """CRADL on the projection head's output. Uses the training checkpoint's head when it matches the bundle;
+    otherwise trains a short SimCLR run and returns its encoder variant and its head variant (same run)."""
+    config = cohort.config
+    k = k or base.gmm.n_components
+    head = load_projection_head(base, checkpoint) if checkpoint else None
+    methods = []
+    if head is not None:
+        features = _HeadFeatures(base.encoder, head.to(base.device))
+        source = f"projection head from {Path(checkpoint).name}"
+    else:
+        log.info("training a short SimCLR run (%d epochs) for the projection-head variant", short_epochs)
+        torch.manual_seed(config.seed)
+        short = dataclasses.replace(config, epochs=short_epochs)
+        encoder = SliceEncoder(config.width, config.feature_dim).to(base.device)
+        head = ProjectionHead(config.feature_dim, config.projection_dim).to(base.device)
+        t = time.perf_counter()
+        _simclr(encoder, head, cohort.slices(cohort.train), short, base.device, None)
+        encoder.eval(), head.eval()
+        for p in list(encoder.parameters()) + list(head.parameters()):
+            p.requires_grad_(False)
+        source = f"short SimCLR run, {short_epochs} epochs ({time.perf_counter() - t:.0f} s)"
+        train_f = encode(encoder, cohort.slices(cohort.train), base.device)
+        val_f = encode(encoder, cohort.slices(cohort.val), base.device)
+        gmm, held_out = fit_mixture(train_f, val_f, k, config)
+        methods.append(cradl_variant(base, f"CRADL short-run encoder K={k}", encoder, gmm, cohort,
+                                     {"k": k, "features": "encoder", "source": source}))
+        features = _HeadFeatures(encoder, head)
+    train_f = encode(features, cohort.slices(cohort.train), base.device)
+    val_f = encode(features, cohort.slices(cohort.val), base.device)
+    gmm, held_out = fit_mixture(train_f, val_f, k, config)
+    name = f"CRADL short-run head K={k}" if methods else f"CRADL head K={k}"
+    methods.append(cradl_variant(base, name, features, gmm, cohort,
+                                 {"k": k, "features": "projection head", "source": source,
+                                  "validation_log_likelihood": round(held_out, 3)}))
+    return methods
+
+
+# ----------------------------------------------------------------------------- calibration for baselines
+
+
+def _calibrate_method(method: Method, cohort: Cohort) -> dict:
+    config = cohort.config
+    val = cohort.pick(cohort.val)
+    val_nll = [method.score(s, heatmap=False)[0] for s in val]
+    means, stds = fit_slice_statistics(val_nll, [s.slice_indices for s in val], val[0].volume.shape[0])
+    calibration = {"slice_nll_mean": means, "slice_nll_std": stds, "volume_aggregate": config.volume_aggregate}
+    heats, masks, nlls, cal = [], [], [], cohort.pick(cohort.cal)
+    method.calibration = dict(calibration, heatmap_scale=1.0)
+    for s in cal:
+        nll, heat = method.score(s, heatmap=True)
+        nlls.append(nll)
+        heats.append(heat)
+        masks.append(s.mask)
+    calibration["volume_scores"] = sorted(aggregate(n, s.slice_indices, calibration) for n, s in zip(nlls, cal))
+    calibration.update(calibrate_heatmaps(heats, masks, config))
+    return calibration
+
+
+# ----------------------------------------------------------------------------- intensity z-score
+
+
+class ZScoreBaseline(Method):
+    """|intensity - normal mean| / normal spread, voxel by voxel in reference space, post-processed like
+    CRADL's saliency (median 5 px, Gaussian). Slice score: the 99th percentile of the slice's heatmap."""
+
+    name = "Intensity z-score"
+
+    def __init__(self, localization: dict, std_floor_fraction: float = 0.5):
+        self.localization = dict(localization)
+        self.std_floor_fraction = std_floor_fraction
+        self.atlases: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self.calibration = {}
+
+    def fit(self, cohort: Cohort) -> "ZScoreBaseline":
+        groups: dict[str, list[int]] = {}
+        for i in cohort.train:
+            groups.setdefault(cohort.contrasts[i] or "all", []).append(int(i))
+        for name, idx in groups.items():
+            if len(idx) < 3:
+                continue
+            stack = np.stack([cohort.scans[i].volume for i in idx]).astype(np.float32)
+            mean, std = stack.mean(0), stack.std(0)
+            brain = cohort.scans[idx[0]].mask
+            floor = self.std_floor_fraction * float(np.median(std[brain])) + 1e-3
+            self.atlases[name] = (mean, np.maximum(std, floor))
+        if not self.atlases:  # too few scans per contrast: one pooled atlas
+            stack = np.stack([cohort.scans[i].volume for i in cohort.train])
+            std = stack.std(0)
+            self.atlases["all"] = (stack.mean(0), np.maximum(std, self.std_floor_fraction * np.median(std) + 1e-3))
+        self.calibration = _calibrate_method(self, cohort)
+        return self
+
+    def atlas_for(self, prepared: PreparedScan) -> str:
+        m = prepared.mask
+        v = prepared.volume[m]
+        return max(self.atlases, key=lambda k: float(np.corrcoef(v, self.atlases[k][0][m])[0, 1]))
+
+    def score(self, prepared, heatmap=True):
+        mean, std = self.atlases[self.atlas_for(prepared)]
+        idx = prepared.slice_indices
+        z = np.abs(prepared.volume[idx] - mean[idx]) / std[idx]
+        heat_idx = postprocess_saliency(z.astype(np.float32), prepared.mask[idx], self.localization)
+        nll = np.array([np.percentile(h[m], 99) if m.any() else 0.0
+                        for h, m in zip(heat_idx, prepared.mask[idx])], dtype=np.float64)
+        if not heatmap:
+            return nll, None
+        heat = np.zeros(prepared.volume.shape, np.float32)
+        heat[idx] = heat_idx
+        return nll, heat / float(self.calibration.get("heatmap_scale", 1.0))
+
+    def describe(self):
+        return {"name": self.name, "family": self.family, "atlases": sorted(self.atlases)}
+
+
+# ----------------------------------------------------------------------------- VAE
+
+
+class SliceVAE(nn.Module):
+    """A small convolutional VAE for (N, 1, S, S) slices, S divisible by 16."""
+
+    def __init__(self, size: int, width: int = 16, latent: int = 32):
+        super().__init__()
+        if size % 16:
+            raise ValueError("slice size must be divisible by 16 for the VAE")
+        w, self.cells, self.size, self.latent = width, size // 16, size, latent
+
+        def down(a, b):
+            return nn.Sequential(nn.Conv2d(a, b, 4, 2, 1), nn.BatchNorm2d(b), nn.LeakyReLU(0.2, inplace=True))
+
+        def up(a, b):
+            return nn.Sequential(nn.ConvTranspose2d(a, b, 4, 2, 1), nn.BatchNorm2d(b), nn.LeakyReLU(0.2, inplace=True))
+
+        self.enc = nn.Sequential(down(1, w), down(w, 2 * w), down(2 * w, 4 * w), down(4 * w, 8 * w), nn.Flatten())
+        flat = 8 * w * self.cells ** 2
+        self.mu, self.logvar = nn.Linear(flat, latent), nn.Linear(flat, latent)
+        self.fc = nn.Linear(latent, flat)
+        self.dec = nn.Sequential(up(8 * w, 4 * w), up(4 * w, 2 * w), up(2 * w, w), nn.ConvTranspose2d(w, 1, 4, 2, 1))
+        self.width = w
+
+    def encode(self, x):
+        h = self.enc(x)
+        return self.mu(h), self.logvar(h).clamp(-10, 10)
+
+    def decode(self, z):
+        return self.dec(self.fc(z).view(len(z), 8 * self.width, self.cells, self.cells))
+
+    def forward(self, x):
+        mu, logvar = self.encode(x)
+        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if self.training else mu
+        return self.decode(z), mu, logvar
+
+
+class VAEBaseline(Method):
+    """The generative alternative: latent-GMM NLL for slices and volumes, |x - reconstruction| for voxels."""
+
+    name = "VAE"
+
+    def __init__(self, size: int, localization: dict, width: int = 16, latent: int = 32, epochs: int = 20,
+                 batch_size: int = 64, learning_rate: float = 1e-3, beta: float = 1.0, ks=(1, 2, 4, 8),
+                 seed: int = 0, device: str | torch.device = "cpu"):
+        self.model = SliceVAE(size, width, latent)
+        self.localization = dict(localization)
+        self.epochs, self.batch_size, self.lr, self.beta, self.ks, self.seed = \
+            epochs, batch_size, learning_rate, beta, tuple(ks), seed
+        self.device = torch.device(device)
+        self.gmm: GaussianMixtureNLL | None = None
+        self.calibration, self.history, self.train_seconds = {}, [], 0.0
+
+    def fit(self, cohort: Cohort) -> "VAEBaseline":
+        t = time.perf_counter()
+        torch.manual_seed(self.seed)
+        data = torch.from_numpy(cohort.slices(cohort.train)).unsqueeze(1)
+        model = self.model.to(self.device)
+        optimiser = torch.optim.Adam(model.parameters(), lr=self.lr)
+        steps = max(1, len(data) // self.batch_size)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, self.lr, total_steps=self.epochs * steps)
+        for epoch in range(self.epochs):
+            model.train()
+            order = torch.randperm(len(data), generator=torch.Generator().manual_seed(self.seed * 1000 + epoch))
+            losses = []
+            for step in range(steps):
+                x = data[order[step * self.batch_size:(step + 1) * self.batch_size]].to(self.device)
+                recon, mu, logvar = model(x)
+                rec = F.mse_loss(recon, x, reduction="sum") / len(x)
+                kl = -0.5 * torch.sum(1 + logvar - mu ** 2 - logvar.exp()) / len(x)
+                loss = rec + self.beta * kl
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                optimiser.step()
+                schedule.step()
+                losses.append(loss.item())
+            self.history.append(round(float(np.mean(losses)), 3))
+            log.info("VAE epoch %d/%d loss %.2f", epoch + 1, self.epochs, self.history[-1])
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        train_z = self._latents(cohort.slices(cohort.train))
+        val_z = self._latents(cohort.slices(cohort.val))
+        fits = {k: fit_mixture(train_z, val_z, k, cohort.config) for k in self.ks if k * 10 <= len(train_z)}
+        best = max(fits, key=lambda k: fits[k][1])
+        self.gmm = fits[best][0].to(self.device).eval()
+        self.k = best
+        self.train_seconds = time.perf_counter() - t
+        self.calibration = _calibrate_method(self, cohort)
+        return self
+
+    def _latents(self, slices: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return torch.cat([self.model.encode(torch.from_numpy(slices[i:i + 256]).unsqueeze(1).to(self.device))[0]
+                              .cpu() for i in range(0, len(slices), 256)]).numpy().astype(np.float64)
+
+    def score(self, prepared, heatmap=True):
+        idx = prepared.slice_indices
+        slices = prepared.volume[idx]
+        nll, errors = [], []
+        with torch.inference_mode():
+            for i in range(0, len(slices), 64):
+                x = torch.from_numpy(slices[i:i + 64]).unsqueeze(1).to(self.device)
+                mu, _ = self.model.encode(x)
+                nll.append(self.gmm(mu).cpu())
+                if heatmap:
+                    errors.append((self.model.decode(mu) - x).abs()[:, 0].cpu())
+        nll = torch.cat(nll).numpy().astype(np.float64)
+        if not heatmap:
+            return nll, None
+        err = torch.cat(errors).numpy().astype(np.float32)
+        heat = np.zeros(prepared.volume.shape, np.float32)
+        heat[idx] = postprocess_saliency(err, prepared.mask[idx], self.localization)
+        return nll, heat / float(self.calibration.get("heatmap_scale", 1.0))
+
+    def describe(self):
+        return {"name": self.name, "family": self.family, "latent": self.model.latent, "width": self.model.width,
+                "epochs": self.epochs, "gmm_components": getattr(self, "k", None),
+                "train_seconds": round(self.train_seconds, 1), "loss_per_epoch": self.history}
+
+
+def nan_to_none(value):
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
