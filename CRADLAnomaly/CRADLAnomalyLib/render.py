@@ -93,12 +93,17 @@ def renderSliceLogic(sliceLogic) -> np.ndarray:
     return np.clip(rgb, 0, 255).astype(np.uint8)
 
 
-def renderViews(sliceLogics, centreRas=None) -> dict:
-    """Fit every view to the data, move each slice plane through ``centreRas``, render."""
+def renderViews(sliceLogics, centreRas=None, zoom: float = 1.0) -> dict:
+    """Fit every view to the data (``zoom`` > 1 magnifies), move each slice plane through
+    ``centreRas``, render."""
     images = {}
     for layoutName, orientation in VIEWS:
         sliceLogic = sliceLogics[layoutName]
         sliceLogic.FitSliceToAll()
+        if zoom != 1.0:
+            sliceNode = sliceLogic.GetSliceNode()
+            fov = sliceNode.GetFieldOfView()
+            sliceNode.SetFieldOfView(fov[0] / zoom, fov[1] / zoom, fov[2])
         if centreRas is not None:
             sliceLogic.GetSliceNode().JumpSliceByOffsetting(*[float(v) for v in centreRas])
         images[orientation] = renderSliceLogic(sliceLogic)
@@ -121,7 +126,7 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
-def legendPanel(height: int, displayMax: float, threshold: float, width: int = 118):
+def legendPanel(height: int, displayMax: float, threshold: float, width: int = 122):
     """Colour legend with ticks, the threshold marked; returns a PIL image."""
     from PIL import Image, ImageDraw
 
@@ -129,20 +134,23 @@ def legendPanel(height: int, displayMax: float, threshold: float, width: int = 1
 
     panel = Image.new("RGB", (width, height), (18, 18, 22))
     draw = ImageDraw.Draw(panel)
-    top, bottom, barX, barW = 34, height - 26, 14, 22
+    top, bottom, barX, barW = 34, height - 26, 46, 20
     bar = legendImage(bottom - top, barW, background=(18, 18, 22))
     panel.paste(Image.fromarray(bar), (barX, top))
     draw.rectangle([barX - 1, top - 1, barX + barW, bottom], outline=(150, 150, 150))
     small, tiny = _font(14), _font(12)
-    draw.text((barX - 4, 8), "Anomaly", fill=(235, 235, 235), font=small)
+    draw.text((barX - 34, 8), "Anomaly", fill=(235, 235, 235), font=small)
     for value in np.linspace(0.0, displayMax, 5):
         y = bottom - (bottom - top) * value / displayMax
         draw.line([barX + barW, y, barX + barW + 5, y], fill=(200, 200, 200))
         draw.text((barX + barW + 8, y - 7), f"{value:.2g}", fill=(220, 220, 220), font=tiny)
     if 0 < threshold < displayMax:
         y = bottom - (bottom - top) * threshold / displayMax
-        draw.line([barX - 6, y, barX + barW + 2, y], fill=(90, 200, 255), width=2)
-        draw.text((barX + barW + 8, y + 4), "threshold", fill=(90, 200, 255), font=tiny)
+        draw.line([barX - 4, y, barX + barW, y], fill=(90, 200, 255), width=2)
+        draw.polygon([(barX - 4, y - 5), (barX - 4, y + 5), (barX + 2, y)], fill=(90, 200, 255))
+        label = "shown"
+        draw.text((barX - 8 - draw.textlength(label, font=tiny), y - 14), label, fill=(90, 200, 255), font=tiny)
+        draw.text((barX - 8 - draw.textlength("above", font=tiny), y + 1), "above", fill=(90, 200, 255), font=tiny)
     return panel
 
 
@@ -174,13 +182,13 @@ def composeFigure(images: dict, displayMax: float, threshold: float, title: str 
     return figure
 
 
-def renderReview(scene, sliceLogics, inputNode, heatmapNode, centreRas, title="", subtitle=""):
+def renderReview(scene, sliceLogics, inputNode, heatmapNode, centreRas, title="", subtitle="", zoom=1.0):
     """Render the three views of an input with its heatmap overlay into a composed PIL figure."""
     from .display import heatmapDisplayMax, heatmapThreshold, showOverlay
 
     ensureGreyDisplay(inputNode)
     showOverlay(scene, inputNode, heatmapNode)
-    images = renderViews(sliceLogics, centreRas)
+    images = renderViews(sliceLogics, centreRas, zoom)
     return composeFigure(images, heatmapDisplayMax(heatmapNode), heatmapThreshold(heatmapNode), title, subtitle), images
 
 
@@ -216,6 +224,9 @@ def main(argv=None) -> int:
     parser.add_argument("--case", default="synthetic",
                         help="'synthetic' (the core's synthetic brain with a tumour), 'template' (model template "
                              "with a lesion) or a scan file")
+    parser.add_argument("--show-above", type=float, default=None,
+                        help="display threshold (default: the model's calibrated threshold)")
+    parser.add_argument("--zoom", type=float, default=1.3, help="magnification after fitting the views")
     args = parser.parse_args(argv)
 
     import slicer  # noqa: F401
@@ -237,10 +248,17 @@ def main(argv=None) -> int:
     else:
         centre = geometry.rasOfVoxel(inputNode, np.array(image.GetSize()) // 2)
     info = detector.info
+    from .display import setHeatmapThreshold
+
+    shown = ""
+    if args.show_above is not None:
+        setHeatmapThreshold(result.heatmapNode, args.show_above)
+        shown = f"; heatmap shown above {args.show_above:g} (calibrated threshold {result.report['threshold']:.2g})"
     figure, images = renderReview(
-        scene, sliceLogics, inputNode, result.heatmapNode, centre,
+        scene, sliceLogics, inputNode, result.heatmapNode, centre, zoom=args.zoom,
         title=f"CRADL anomaly heatmap \u2014 {review.percentileWords(result.report['volume_percentile'])}",
-        subtitle=f"{caption}; model {info['name']} {info['version']}; views through the top-ranked region")
+        subtitle=f"{caption}; model {info['name']} {info['version']}"
+                 f"{'; views through the top-ranked region' if regions else '; views through the lesion'}{shown}")
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "review_views.png")
     tmp = path + ".tmp.png"
