@@ -559,7 +559,8 @@ class CRADLAnomalyLogic(ScriptedLoadableModuleLogic):
         if heatmapNode is None:
             raise lib.BridgeError("Run detection first.")
         threshold = lib.heatmapThreshold(heatmapNode) if threshold is None else threshold
-        return lib.createSegmentation(slicer.mrmlScene, volumeNode, heatmapNode, threshold)
+        minVolume = float((self.report(volumeNode) or {}).get("min_region_mm3", 0.0))
+        return lib.createSegmentation(slicer.mrmlScene, volumeNode, heatmapNode, threshold, minVolumeMm3=minVolume)
 
     def saveResults(self, volumeNode, outputDir):
         import CRADLAnomalyLib as lib

@@ -121,7 +121,8 @@ def saveSceneResults(scene, inputNode, outputDir: str, createSegmentationIfMissi
         raise BridgeError(f'There is no anomaly result for "{inputNode.GetName()}" yet: run detection first.')
     segmentationNode = N.findResultNode(scene, inputNode, N.SEGMENTATION)
     if segmentationNode is None and createSegmentationIfMissing:
-        segmentationNode = createSegmentation(scene, inputNode, heatmapNode, D.heatmapThreshold(heatmapNode))
+        segmentationNode = createSegmentation(scene, inputNode, heatmapNode, D.heatmapThreshold(heatmapNode),
+                                              minVolumeMm3=float(report.get("min_region_mm3", 0.0)))
     report = dict(report)
     report["display_threshold"] = D.heatmapThreshold(heatmapNode)
     heatmapImage = imageFromVolumeNode(heatmapNode)
