@@ -203,15 +203,17 @@ def _sample_parameters(rng: np.random.Generator, contrast: str | None) -> dict:
 
 
 def make_normal_scan(rng: np.random.Generator, contrast: str | None = None,
-                     _params_out: dict | None = None) -> tuple[sitk.Image, sitk.Image]:
+                     _params_out: dict | None = None, _overrides: dict | None = None) -> tuple[sitk.Image, sitk.Image]:
     """One synthetic normal brain: (image float32, tissue labels uint8: 0 background, 1 CSF, 2 GM, 3 WM) on the same grid.
 
     `contrast` is 't1', 't2' or 'flair' (random when None). Intensities are rounded to whole numbers
     (about 0-1000) so that writing them as int16 loses nothing. `_params_out`, when given, receives
-    the drawn augmentation parameters (for the cohort's JSON record).
+    the drawn augmentation parameters (for the cohort's JSON record); `_overrides` replaces some of
+    them (tests use it to switch the head-position jitter off).
     """
     tpl = _Template.get()
     p = _sample_parameters(rng, contrast)
+    p.update(_overrides or {})
 
     # --- output grid: an axis-aligned box around the template brain, any signed axis permutation
     direction = np.array(p["direction"])
@@ -330,10 +332,9 @@ def generate_normal_cohort(out_dir, n: int, seed: int, progress: bool = True) ->
     out_dir = Path(out_dir)
     (out_dir / "labels").mkdir(parents=True, exist_ok=True)
     width = max(3, len(str(n - 1)))
-    # contrasts balanced across the cohort, in a seeded order
-    contrasts = [CONTRASTS[i % len(CONTRASTS)] for i in range(n)]
-    order = np.random.default_rng([int(seed), 2**31]).permutation(n)
-    contrasts = [contrasts[o] for o in order]
+    # contrasts balanced across the cohort, cycling in a seeded order (scan i's contrast does not depend on n)
+    cycle = [CONTRASTS[k] for k in np.random.default_rng([int(seed), 2**31]).permutation(len(CONTRASTS))]
+    contrasts = [cycle[i % len(cycle)] for i in range(n)]
     records, paths = [], []
     iterator = range(n)
     if progress:
