@@ -5,7 +5,6 @@
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from ..errors import CradlError, InputError
@@ -47,8 +46,15 @@ def register(sub) -> None:
     p.set_defaults(run=run_benchmark)
 
 
-def _command_line() -> str:
-    return "python -m cradl " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0] else ""
+def _command_line(args) -> str:
+    """The command as a user would type it (rebuilt from the parsed options, whoever called main)."""
+    words = ["python -m cradl", args.command]
+    for name, value in sorted(vars(args).items()):
+        if name in ("command", "run") or value in (None, False):
+            continue
+        flag = "--" + name.replace("_", "-")
+        words += [flag] if value is True else [flag, str(value)]
+    return " ".join(words)
 
 
 def run_evaluate(args) -> int:
@@ -61,7 +67,7 @@ def run_evaluate(args) -> int:
         if path and not Path(path).resolve().parent.is_dir():
             raise CradlError(f"cannot write {path}: its folder does not exist")
     results = evaluate(args.model, data, args.out, args.markdown, n_boot=args.bootstrap, device=args.device,
-                       progress=not args.quiet, command=_command_line())
+                       progress=not args.quiet, command=_command_line(args))
     print(markdown_tables(results))
     return 0
 
@@ -85,7 +91,7 @@ def run_benchmark(args) -> int:
     if args.normals and not Path(args.normals).is_dir():
         raise InputError(f"normal-scan folder not found: {args.normals}")
     results = run(config, args.out_dir, model=args.model, normals=args.normals, device=args.device,
-                  progress=not args.quiet, command=_command_line())
+                  progress=not args.quiet, command=_command_line(args))
     print(markdown_tables(results))
     print(f"wrote {Path(args.out_dir) / 'results.json'} and {Path(args.out_dir) / 'results.md'}")
     return 0
