@@ -71,7 +71,7 @@ def save_bundle(path, manifest: dict, encoder: SliceEncoder, gmm: GaussianMixtur
     arrays["template_mask"] = np.asarray(template_mask, dtype=np.uint8)
     manifest = dict(manifest, format=FORMAT, format_version=FORMAT_VERSION,
                     encoder=dict(manifest.get("encoder", {}), width=encoder.width,
-                                 feature_dim=encoder.feature_dim))
+                                 feature_dim=encoder.feature_dim, grid=encoder.grid))
     payloads = {name: _npy_bytes(value) for name, value in arrays.items()}
     manifest["arrays"] = {name: {"shape": list(arrays[name].shape), "dtype": str(arrays[name].dtype),
                                  "sha256": hashlib.sha256(data).hexdigest()}
@@ -144,7 +144,8 @@ def _read_array(archive: zipfile.ZipFile, name: str, spec: dict, path: Path) -> 
 
 def _assemble(manifest: dict, arrays: dict, path: Path) -> ModelBundle:
     try:
-        encoder = SliceEncoder(**{k: int(manifest["encoder"][k]) for k in ("width", "feature_dim")})
+        spec = manifest["encoder"]
+        encoder = SliceEncoder(int(spec["width"]), int(spec["feature_dim"]), int(spec.get("grid", 1)))
         state = {k[len("encoder."):]: torch.from_numpy(v.copy()) for k, v in arrays.items() if k.startswith("encoder.")}
         encoder.load_state_dict(state, strict=True)
         gmm = GaussianMixtureNLL.from_arrays(arrays)

@@ -52,8 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_synth(sub)
     _add_info(sub)
     _add_demo(sub)
-    from .evaluate import commands as evaluate_commands
+    from .evaluate import commands as evaluate_commands, speed
     evaluate_commands.register(sub)
+    speed.add_parser(sub)
     return parser
 
 
@@ -248,6 +249,10 @@ def _add_train(sub):
     p.add_argument("--spacing", type=float, default=d.spacing_mm, help="reference grid spacing in mm")
     p.add_argument("--width", type=int, default=d.width, help="encoder width (channels of the first stage)")
     p.add_argument("--feature-dim", type=int, default=d.feature_dim)
+    p.add_argument("--grid", type=int, default=d.grid,
+                   help="encoder pooling grid: 1 = global pooling; >1 keeps a coarse spatial layout")
+    p.add_argument("--geometry", choices=["strong", "light"], default=d.geometry,
+                   help="geometric augmentation: SimCLR's crops and flips, or light jitter for aligned slices")
     p.add_argument("--learning-rate", type=float, default=d.learning_rate)
     p.add_argument("--components", type=int, nargs="+", default=list(d.gmm_components),
                    help="mixture sizes to try; the best held-out likelihood wins")
@@ -272,6 +277,7 @@ def run_train(args) -> int:
         logging.getLogger("cradl").addHandler(handler)
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, slice_size=args.slice_size,
                          spacing_mm=args.spacing, width=args.width, feature_dim=args.feature_dim,
+                         grid=args.grid, geometry=args.geometry,
                          learning_rate=args.learning_rate, gmm_components=tuple(args.components), name=args.name,
                          version=args.version, description=args.description, seed=args.seed)
     out = train_model(args.normal, args.out, config, device=args.device, resume=not args.no_resume)

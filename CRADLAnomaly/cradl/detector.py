@@ -41,6 +41,7 @@ class DetectionResult:
     slice_scores: list[SliceScore]
     regions: list[Region]
     threshold: float
+    min_region_mm3: float
     model: dict
     heatmap: sitk.Image | None = None  # float32 on the input's grid; None when only scores were asked for
     region_labels: sitk.Image | None = None  # uint16, 0 = none, k = region of rank k
@@ -54,6 +55,7 @@ class DetectionResult:
             "volume_percentile": round(self.volume_percentile, 2),
             "interpretation": describe_percentile(self.volume_percentile),
             "threshold": round(self.threshold, 4),
+            "min_region_mm3": self.min_region_mm3,
             "slice_scores": [s.to_json() for s in self.slice_scores],
             "regions": [r.to_json() for r in self.regions],
             "model": self.model,
@@ -169,14 +171,15 @@ class AnomalyDetector:
         slices = [SliceScore(int(i), float(s), float(zz), tuple(float(v) for v in c))
                   for i, s, zz, c in zip(idx, nll, z, centres)]
         result = DetectionResult(volume_score, calibration.percentile(volume_score, self.calibration), slices, [],
-                                 float(self.calibration["voxel_threshold"]), self.model_summary(),
+                                 float(self.calibration["voxel_threshold"]),
+                                 float(self.calibration["min_region_mm3"]), self.model_summary(),
                                  timings=timings, source=source)
         if heatmap:
             report(0.8, "Mapping the heatmap onto the scan")
             t = time.perf_counter()
             result.heatmap = self.space.to_input(heat_ref, prepared.transform, image)
-            result.regions, result.region_labels = find_regions(
-                result.heatmap, result.threshold, float(self.calibration["min_region_mm3"]))
+            result.regions, result.region_labels = find_regions(result.heatmap, result.threshold,
+                                                                result.min_region_mm3)
             timings["map_back"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - started
         report(1.0, "Done")

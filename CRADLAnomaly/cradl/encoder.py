@@ -26,11 +26,17 @@ class _ResidualBlock(nn.Module):
 
 
 class SliceEncoder(nn.Module):
-    """(N, 1, S, S) slices -> (N, feature_dim) representations."""
+    """(N, 1, S, S) slices -> (N, feature_dim) representations.
 
-    def __init__(self, width: int = 32, feature_dim: int = 128):
+    `grid` = 1 pools the last feature map globally (position-invariant, as in SimCLR's ResNet). On
+    slices aligned to a reference space, `grid` > 1 keeps a coarse layout (grid x grid cells, then a
+    linear map), so a local change moves the representation in its own directions: that is what makes
+    the NLL and its input gradient point at where a slice deviates.
+    """
+
+    def __init__(self, width: int = 32, feature_dim: int = 128, grid: int = 1):
         super().__init__()
-        self.width, self.feature_dim = width, feature_dim
+        self.width, self.feature_dim, self.grid = width, feature_dim, grid
         w = width
         self.stem = nn.Sequential(nn.Conv2d(1, w, 5, 2, 2, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True))
         self.stages = nn.Sequential(
@@ -38,10 +44,11 @@ class SliceEncoder(nn.Module):
             _ResidualBlock(2 * w, 4 * w, 2),
             _ResidualBlock(4 * w, feature_dim, 2),
         )
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.pool = nn.AdaptiveAvgPool2d(grid)
+        self.project = nn.Identity() if grid == 1 else nn.Linear(feature_dim * grid * grid, feature_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.stages(self.stem(x))).flatten(1)
+        return self.project(self.pool(self.stages(self.stem(x))).flatten(1))
 
 
 class ProjectionHead(nn.Module):

@@ -11,13 +11,19 @@ import torch
 import torch.nn.functional as F
 
 
+# Geometric augmentation strengths. "strong" is SimCLR's usual crop-and-flip invariance; "light" suits
+# slices already aligned to a reference space, where position carries meaning the model should keep.
+GEOMETRY = {"strong": dict(max_rotation_deg=15.0, scale_range=(0.8, 1.15), max_shift=0.08, flip=True),
+            "light": dict(max_rotation_deg=5.0, scale_range=(0.95, 1.05), max_shift=0.03, flip=False)}
+
+
 def random_affine(x: torch.Tensor, generator: torch.Generator, max_rotation_deg: float = 15.0,
-                  scale_range=(0.8, 1.15), max_shift: float = 0.08) -> torch.Tensor:
+                  scale_range=(0.8, 1.15), max_shift: float = 0.08, flip: bool = True) -> torch.Tensor:
     n = x.shape[0]
     rand = lambda *shape: torch.rand(*shape, generator=generator, device=x.device)  # noqa: E731
     angle = (rand(n) * 2 - 1) * math.radians(max_rotation_deg)
     scale = scale_range[0] + rand(n) * (scale_range[1] - scale_range[0])
-    flip = torch.where(rand(n) < 0.5, -1.0, 1.0)
+    flip = torch.where(rand(n) < 0.5, -1.0, 1.0) if flip else torch.ones(n, device=x.device)
     shift = (rand(n, 2) * 2 - 1) * max_shift * 2
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
     theta = torch.stack([torch.stack([cos * flip, -sin, shift[:, 0]], 1),
@@ -57,9 +63,9 @@ def random_noise(x: torch.Tensor, generator: torch.Generator, max_std: float = 0
     return x + torch.randn(x.shape, generator=generator, device=x.device) * std
 
 
-def simclr_view(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def simclr_view(x: torch.Tensor, generator: torch.Generator, geometry: str = "strong") -> torch.Tensor:
     """One random view of a batch of slices (N, 1, S, S)."""
-    x = random_affine(x, generator)
+    x = random_affine(x, generator, **GEOMETRY[geometry])
     x = random_intensity(x, generator)
     x = random_blur(x, generator)
     return random_noise(x, generator)

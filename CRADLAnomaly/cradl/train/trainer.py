@@ -40,6 +40,8 @@ class TrainConfig:
     min_brain_fraction: float = 0.15
     width: int = 32
     feature_dim: int = 128
+    grid: int = 1
+    geometry: str = "strong"
     projection_dim: int = 64
     epochs: int = 30
     batch_size: int = 128
@@ -125,7 +127,7 @@ def train_model(normal_dirs, out: str | Path, config: TrainConfig = TrainConfig(
     train_slices = np.concatenate([prepared[i].slices for i in train_idx])
     log.info("%d scans: %d training (%d slices), %d validation, %d calibration", len(paths), len(train_idx),
              len(train_slices), len(val_idx), len(cal_idx))
-    encoder = SliceEncoder(config.width, config.feature_dim).to(dev)
+    encoder = SliceEncoder(config.width, config.feature_dim, config.grid).to(dev)
     head = ProjectionHead(config.feature_dim, config.projection_dim).to(dev)
     history = _simclr(encoder, head, train_slices, config, dev, out.with_suffix(".ckpt") if resume else None)
     encoder.eval()
@@ -146,7 +148,7 @@ def train_model(normal_dirs, out: str | Path, config: TrainConfig = TrainConfig(
         "reference": {"grid": space.grid.to_json(), "template": "MNI152 2009a symmetric T1 (nilearn)",
                       "min_brain_fraction": config.min_brain_fraction},
         "normalisation": config.normalisation,
-        "encoder": {"width": config.width, "feature_dim": config.feature_dim},
+        "encoder": {"width": config.width, "feature_dim": config.feature_dim, "grid": config.grid},
         "gmm": selection,
         "localization": config.localization,
         "calibration": calibration,
@@ -198,8 +200,8 @@ def _simclr(encoder: SliceEncoder, head: ProjectionHead, slices: np.ndarray, con
         bar = tqdm(range(steps_per_epoch), desc=f"SimCLR epoch {epoch + 1}/{config.epochs}", unit="batch", leave=False)
         for step in bar:
             batch = data[order[step * config.batch_size:(step + 1) * config.batch_size]].to(dev)
-            z1 = head(encoder(simclr_view(batch, generator)))
-            z2 = head(encoder(simclr_view(batch, generator)))
+            z1 = head(encoder(simclr_view(batch, generator, config.geometry)))
+            z2 = head(encoder(simclr_view(batch, generator, config.geometry)))
             loss = nt_xent(z1, z2, config.temperature)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()

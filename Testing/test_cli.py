@@ -1,0 +1,144 @@
+"""`python -m cradl`: exit status 0 on success, 2 with one clear line on bad input, no partial files,
+inputs never modified, batch mode carries on past a bad scan."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+
+def cradl(*args, cwd=None):
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    return subprocess.run([sys.executable, "-m", "cradl", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=600)
+
+
+def digest(path) -> str:
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def assert_clean_failure(run, out_dir, expected):
+    assert run.returncode == 2, run.stderr
+    lines = [l for l in run.stderr.strip().splitlines() if l.strip()]
+    assert len(lines) == 1 and expected in lines[0], run.stderr
+    assert "Traceback" not in run.stderr
+    leftovers = [p.name for p in out_dir.iterdir()]
+    assert leftovers == [], f"partial output left behind: {leftovers}"
+
+
+def test_detect_writes_heatmap_report_and_png(tiny_model, sample_case, tmp_path):
+    scan = sample_case[0]
+    before = digest(scan)
+    run = cradl("detect", scan, "--model", tiny_model, "--heatmap", tmp_path / "h.nii.gz",
+                "--report", tmp_path / "r.json", "--png", tmp_path / "q.png", "--quiet")
+    assert run.returncode == 0, run.stderr
+    assert digest(scan) == before, "the input was modified"
+    heatmap, image = sitk.ReadImage(str(tmp_path / "h.nii.gz")), sitk.ReadImage(str(scan))
+    assert heatmap.GetSize() == image.GetSize() and np.allclose(heatmap.GetOrigin(), image.GetOrigin())
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert {"volume_score", "volume_percentile", "slice_scores", "regions", "model"} <= set(report)
+    assert (tmp_path / "q.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "percentile" in run.stdout and "region 1" in run.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["h.nii.gz", "q.png", "r.json"]
+
+
+def test_scores_only(tiny_model, sample_case, tmp_path):
+    run = cradl("detect", sample_case[2], "--model", tiny_model, "--report", tmp_path / "r.json", "--no-heatmap",
+                "--quiet")
+    assert run.returncode == 0, run.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["regions"] == []
+
+
+def _bad_inputs(tmp_path):
+    text = tmp_path / "inputs" / "notes.nii.gz"
+    text.parent.mkdir()
+    text.write_text("not an image")
+    flat = tmp_path / "inputs" / "flat.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(np.ones((20, 20, 20), np.float32)), str(flat))
+    two_d = tmp_path / "inputs" / "slice.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(np.random.rand(64, 64).astype(np.float32)), str(two_d))
+    four_d = tmp_path / "inputs" / "series.nii.gz"
+    vol = sitk.GetImageFromArray(np.random.rand(20, 20, 20).astype(np.float32))
+    sitk.WriteImage(sitk.JoinSeries([vol, vol]), str(four_d))
+    nan = tmp_path / "inputs" / "nan.nrrd"
+    array = np.random.rand(20, 20, 20).astype(np.float32)
+    array[5, 5, 5] = np.nan
+    sitk.WriteImage(sitk.GetImageFromArray(array), str(nan))
+    return {"missing": (tmp_path / "inputs" / "none.nii.gz", "not found"), "text": (text, "not a readable image"),
+            "constant": (flat, "constant"), "2d": (two_d, "3D volume"), "4d": (four_d, "4D"),
+            "nan": (nan, "NaN")}
+
+
+@pytest.mark.parametrize("case", ["missing", "text", "constant", "2d", "4d", "nan"])
+def test_bad_input_exits_2_with_one_line_and_no_output(tiny_model, tmp_path, case):
+    path, expected = _bad_inputs(tmp_path)[case]
+    out = tmp_path / "out"
+    out.mkdir()
+    run = cradl("detect", path, "--model", tiny_model, "--heatmap", out / "h.nii.gz", "--report", out / "r.json")
+    assert_clean_failure(run, out, expected)
+
+
+@pytest.mark.parametrize("model_content, expected", [(b"garbage", "not a CRADL model bundle"),
+                                                     (None, "not found")])
+def test_bad_model_exits_2(sample_case, tmp_path, model_content, expected):
+    model = tmp_path / "model.cradl"
+    if model_content is not None:
+        model.write_bytes(model_content)
+    out = tmp_path / "out"
+    out.mkdir()
+    run = cradl("detect", sample_case[0], "--model", model, "--heatmap", out / "h.nii.gz")
+    assert_clean_failure(run, out, expected)
+
+
+def test_tampered_model_exits_2(tiny_model, sample_case, tmp_path):
+    data = bytearray(tiny_model.read_bytes())
+    data[len(data) // 2] ^= 0x5A
+    model = tmp_path / "tampered.cradl"
+    model.write_bytes(bytes(data))
+    out = tmp_path / "out"
+    out.mkdir()
+    run = cradl("detect", sample_case[0], "--model", model, "--report", out / "r.json")
+    assert_clean_failure(run, out, "cradl: error")
+
+
+def test_unwritable_output_exits_2_before_any_work(tiny_model, sample_case, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    run = cradl("detect", sample_case[0], "--model", tiny_model, "--heatmap", out / "no" / "such" / "h.nii.gz",
+                "--report", out / "r.json")
+    assert_clean_failure(run, out, "does not exist")
+
+
+def test_usage_errors_exit_2(tmp_path):
+    assert cradl("detect").returncode == 2
+    run = cradl("detect", tmp_path)
+    assert run.returncode == 2 and "holds no scans" in run.stderr
+    assert cradl("frobnicate").returncode == 2
+
+
+def test_help_explains_every_subcommand():
+    run = cradl("--help")
+    assert run.returncode == 0
+    for command in ("detect", "train", "synth-normals", "synth-anomalies"):
+        assert command in run.stdout
+        assert cradl(command, "--help").returncode == 0
+
+
+def test_batch_mode_carries_on_past_a_bad_scan_and_reports_it(tiny_model, sample_case, tmp_path):
+    inputs = tmp_path / "scans"
+    inputs.mkdir()
+    sitk.WriteImage(sitk.ReadImage(str(sample_case[0])), str(inputs / "a.nii.gz"))
+    sitk.WriteImage(sitk.ReadImage(str(sample_case[2])), str(inputs / "b.nrrd"))
+    (inputs / "broken.nii.gz").write_bytes(b"\x1f\x8b\x08\x00garbage")
+    out = tmp_path / "results"
+    run = cradl("detect", inputs, "--model", tiny_model, "--out-dir", out, "--quiet")
+    assert run.returncode == 2
+    assert "broken.nii.gz" in run.stderr and "1 scan(s) failed" in run.stderr
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["a.png", "a_heatmap.nii.gz", "a_report.json", "b.png", "b_heatmap.nii.gz", "b_report.json"]
