@@ -50,6 +50,9 @@ def test_small_benchmark_writes_every_method_and_metric(small_run):
             assert _in_unit(value), (name, value)
         assert o["fp_regions_per_normal_scan"] >= 0
         assert "voxel_ap" in o["ci95"]
+    from cradl.calibration import AGGREGATES
+    assert set(on_disk["methods"][names[0]]["aggregates"]) == set(AGGREGATES)
+    assert len(on_disk["cases"][0]["methods"][names[0]]["slice_scores"]) == len(on_disk["cases"][0]["slice_indices"])
     assert {t["target"].split(",")[0] for t in on_disk["targets"]} >= {"volume AUROC >= 0.85"}
     table = (out / "results.md").read_text()
     assert table == markdown_tables(results)

@@ -168,9 +168,11 @@ def evaluate_cases(detector, data_dir, methods=(), variant_heatmaps: bool = True
         records[main].append(_case_scores(case, main, nll, idx, result.volume_score, result.heatmap,
                                           result.region_labels, result.threshold, lesion, roi, slice_labels,
                                           detect_seconds))
+        records[main][-1].extra["aggregates"] = _aggregates(nll, idx, detector.calibration)
         row = {"id": case["id"], "type": case["type"], "size_mm": case.get("size_mm"),
                "contrast": case.get("contrast"), "brain_mask": brain_source,
                "lesion_voxels": int(lesion.sum()), "anomalous_slices": int(slice_labels.sum()),
+               "slice_indices": [int(i) for i in idx], "slice_labels": [int(v) for v in slice_labels],
                "methods": {main: _row(records[main][-1], result.threshold)}}
         for method in methods:
             t = time.perf_counter()
@@ -182,21 +184,49 @@ def evaluate_cases(detector, data_dir, methods=(), variant_heatmaps: bool = True
                 _, labels = find_regions(heat_in, method.threshold, method.min_region_mm3)
             rec = _case_scores(case, method.name, m_nll, idx, method.volume_score(m_nll, idx), heat_in, labels,
                                method.threshold, lesion, roi, slice_labels, time.perf_counter() - t)
+            rec.extra["aggregates"] = _aggregates(m_nll, idx, method.calibration)
             records[method.name].append(rec)
             row["methods"][method.name] = _row(rec, method.threshold)
         log_rows.append(row)
     return records, log_rows
 
 
+def _aggregates(nll, idx, calibration) -> dict:
+    """The volume score under every aggregate the calibration module offers (to compare them on one run)."""
+    from ..calibration import AGGREGATES, aggregate
+    return {name: aggregate(nll, idx, calibration, name) for name in AGGREGATES}
+
+
+def aggregate_comparison(cases: list[CaseScores]) -> dict:
+    """Volume AUROC / AP of each aggregate (all types, and the issue's target subset) from the same slice scores."""
+    from .metrics import sample_metrics
+    if not cases or "aggregates" not in cases[0].extra:
+        return {}
+    labels = np.array([c.abnormal for c in cases])
+    target = np.array([not c.abnormal or (c.type in ("tumour", "resection") and (c.size_mm or 0) >= 15)
+                       for c in cases])
+    out = {}
+    for name in cases[0].extra["aggregates"]:
+        scores = np.array([c.extra["aggregates"][name] for c in cases])
+        m = sample_metrics(labels, scores)
+        t = sample_metrics(labels[target], scores[target])
+        out[name] = {"volume_auroc": m["auroc"], "volume_ap": m["ap"], "target_subset_auroc": t["auroc"]}
+    return out
+
+
 def _row(rec: CaseScores, threshold: float) -> dict:
-    return {"volume_score": round(rec.volume_score, 4), "max_slice_score": round(float(np.max(rec.slice_scores)), 4),
+    return {"slice_scores": [round(float(v), 3) for v in rec.slice_scores],"volume_score": round(rec.volume_score, 4), "max_slice_score": round(float(np.max(rec.slice_scores)), 4),
             "dice_at_threshold": None if rec.dice_at_threshold is None else round(rec.dice_at_threshold, 4),
             "n_regions": rec.n_regions, "n_false_regions": rec.n_false_regions, "detected": rec.detected,
             "seconds": round(rec.seconds, 2)}
 
 
 def report_methods(records: dict[str, list[CaseScores]], n_boot: int, seed: int) -> dict:
-    return {name: full_report(cases, n_boot=n_boot, seed=seed) for name, cases in records.items()}
+    out = {}
+    for name, cases in records.items():
+        out[name] = full_report(cases, n_boot=n_boot, seed=seed)
+        out[name]["aggregates"] = aggregate_comparison(cases)
+    return out
 
 
 # ----------------------------------------------------------------------------- tables
@@ -254,6 +284,15 @@ def markdown_tables(results: dict) -> str:
                 dice_ = (g.get("voxel_lesion_only") or {}).get("best_dice") if g else None
                 cells.append(f"{_fmt(g['volume']['auroc'], digits=2)} / {_fmt(dice_, digits=2)}" if g else "")
             out.append(f"| {name} | " + " | ".join(cells) + " |")
+        out.append("")
+    first = next(iter(methods.values()), {})
+    if first.get("aggregates"):
+        out += [f"## Volume AUROC of the model's slice scores under each aggregate (current: "
+                f"{results.get('meta', {}).get('volume_aggregate', 'see manifest')})", "",
+                "| Aggregate | Volume AUROC | Volume AP | AUROC, tumour + resection >= 15 mm |", "|---|---|---|---|"]
+        for name, m in first["aggregates"].items():
+            out.append(f"| {name} | {_fmt(m['volume_auroc'])} | {_fmt(m['volume_ap'])} | "
+                       f"{_fmt(m['target_subset_auroc'])} |")
         out.append("")
     if results.get("targets"):
         out += ["## Targets of the model (issue 3)", "", "| Target | Measured | Met |", "|---|---|---|"]
@@ -356,6 +395,7 @@ def evaluate(model, data_dir, out_json=None, out_md=None, n_boot: int = 1000, de
 def _meta(command, started, detector, data_dir, n_cases) -> dict:
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "machine": machine_description(), "command": command, "model": detector.info,
+            "volume_aggregate": detector.calibration.get("volume_aggregate"),
             "data": str(data_dir), "n_cases": n_cases, "seconds": time.perf_counter() - started}
 
 
