@@ -14,7 +14,8 @@ import SimpleITK as sitk
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
-TINY_RECIPE = dict(slice_size=64, spacing_mm=3.0, width=12, feature_dim=32, projection_dim=32, epochs=6,
+TINY_RECIPE = dict(slice_size=64, spacing_mm=3.0, width=12, feature_dim=32, grid=4, geometry="light",
+                   projection_dim=32, epochs=6,
                    batch_size=64, learning_rate=3e-3, gmm_components=(1, 2), min_region_mm3=200.0,
                    name="cradl-tiny-test", version="0.0.1", description="tiny model trained by the test suite")
 

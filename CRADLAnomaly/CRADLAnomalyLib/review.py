@@ -177,14 +177,10 @@ def jumpSlicesToRAS(scene, ras, centered: bool = True):
 # --- words a radiologist understands -------------------------------------------------------------
 
 def percentileWords(percentile: float) -> str:
-    p = float(percentile)
-    if p >= 99.0:
-        return "highly unusual: more anomalous than 99% of the normal reference scans"
-    if p >= 95.0:
-        return f"unusual: more anomalous than {int(np.floor(p))}% of the normal reference scans"
-    if p >= 75.0:
-        return f"upper end of normal (more anomalous than {int(np.floor(p))}% of normal reference scans)"
-    return f"within the normal range ({int(np.floor(p))}th percentile of normal reference scans)"
+    """The core's wording, so the panel, the console and the JSON report say the same."""
+    from cradl.calibration import describe_percentile
+
+    return describe_percentile(percentile)
 
 
 def _fmt_volume(mm3: float) -> str:

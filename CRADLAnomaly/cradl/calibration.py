@@ -60,3 +60,15 @@ def fit_slice_statistics(per_scan_nll: list[np.ndarray], per_scan_indices: list[
             means.append(float(np.mean(pooled)))
             stds.append(pooled_std)
     return means, stds
+
+
+def describe_percentile(percentile: float) -> str:
+    """The volume percentile in words a radiologist reads at a glance."""
+    p = float(percentile)
+    if p >= 99.0:
+        return "highly unusual: more anomalous than 99% of the normal reference scans"
+    if p >= 95.0:
+        return f"unusual: more anomalous than {int(np.floor(p))}% of the normal reference scans"
+    if p >= 75.0:
+        return f"upper end of normal (more anomalous than {int(np.floor(p))}% of normal reference scans)"
+    return f"within the normal range ({int(np.floor(p))}th percentile of normal reference scans)"

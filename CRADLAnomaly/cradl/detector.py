@@ -11,6 +11,7 @@ import SimpleITK as sitk
 import torch
 
 from . import __version__, calibration
+from .calibration import describe_percentile
 from .bundle import ModelBundle, load_bundle
 from .errors import DetectionCancelled, InputError
 from .io import read_image, validate_image
@@ -62,17 +63,6 @@ class DetectionResult:
             "cradl_version": __version__,
             "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
         }
-
-
-def describe_percentile(percentile: float) -> str:
-    """The volume percentile in words a radiologist reads at a glance."""
-    if percentile >= 99:
-        return "more anomalous than all normal reference scans: review recommended"
-    if percentile >= 95:
-        return "more anomalous than 95% of normal reference scans: review recommended"
-    if percentile >= 80:
-        return "at the upper end of normal reference scans"
-    return "within the range of normal reference scans"
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:

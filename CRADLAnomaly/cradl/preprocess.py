@@ -46,6 +46,18 @@ def brain_slices(mask: np.ndarray, min_fraction: float) -> np.ndarray:
     return np.flatnonzero(area >= min_fraction * area.max())
 
 
+# |correlation| with the template inside the brain after alignment: about 0.35-0.95 for T1, T2 and FLAIR
+# scans (negative for T2), about 0.05 for noise. Below this the scan is not a brain MRI we can read.
+MIN_TEMPLATE_CORRELATION = 0.15
+
+
+def _check_resembles_brain(volume: np.ndarray, template: np.ndarray, mask: np.ndarray) -> None:
+    correlation = np.corrcoef(volume[mask], template[mask])[0, 1]
+    if not np.isfinite(correlation) or abs(correlation) < MIN_TEMPLATE_CORRELATION:
+        raise InputError("the scan does not resemble a brain MRI after alignment to the template "
+                         f"(|correlation| {abs(np.nan_to_num(correlation)):.2f} < {MIN_TEMPLATE_CORRELATION})")
+
+
 def prepare_scan(image: sitk.Image, space: ReferenceSpace, normalisation: dict, min_brain_fraction: float,
                  mask: sitk.Image | None = None, transform: sitk.Transform | None = None,
                  seed: int = 0) -> PreparedScan:
@@ -58,4 +70,5 @@ def prepare_scan(image: sitk.Image, space: ReferenceSpace, normalisation: dict, 
             raise InputError("the brain mask does not overlap the scan's brain (after alignment)")
         brain = user
     normalised = normalise_intensity(volume, brain, normalisation)
+    _check_resembles_brain(normalised, sitk.GetArrayViewFromImage(space.template), brain)
     return PreparedScan(normalised, brain.copy(), transform, brain_slices(brain, min_brain_fraction))

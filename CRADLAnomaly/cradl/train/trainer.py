@@ -89,7 +89,7 @@ def prepare_all(paths: list[Path], space: ReferenceSpace, config: TrainConfig, c
     """Align and normalise every scan once; cached so a resumed run skips the registrations."""
     if cache is not None and cache.exists():
         data = np.load(cache, allow_pickle=False)
-        if list(data["paths"]) == [str(p) for p in paths]:
+        if list(data["paths"]) == [str(Path(p).resolve()) for p in paths]:
             log.info("using cached preprocessed scans from %s", cache)
             return [PreparedScan(data[f"v{i}"], data[f"m{i}"], None, data[f"s{i}"]) for i in range(len(paths))]
     prepared = []
@@ -101,7 +101,7 @@ def prepare_all(paths: list[Path], space: ReferenceSpace, config: TrainConfig, c
         prepared.append(PreparedScan(scan.volume.astype(np.float16).astype(np.float32), scan.mask, None,
                                      scan.slice_indices))
     if cache is not None:
-        arrays = {"paths": np.array([str(p) for p in paths])}
+        arrays = {"paths": np.array([str(Path(p).resolve()) for p in paths])}
         for i, scan in enumerate(prepared):
             arrays.update({f"v{i}": scan.volume.astype(np.float16), f"m{i}": scan.mask, f"s{i}": scan.slice_indices})
         with atomic_path(cache) as tmp:
