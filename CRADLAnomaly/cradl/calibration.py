@@ -71,4 +71,9 @@ def describe_percentile(percentile: float) -> str:
         return f"unusual: more anomalous than {int(np.floor(p))}% of the normal reference scans"
     if p >= 75.0:
         return f"upper end of normal (more anomalous than {int(np.floor(p))}% of normal reference scans)"
-    return f"within the normal range ({int(np.floor(p))}th percentile of normal reference scans)"
+    return f"within the normal range ({_ordinal(int(np.floor(p)))} percentile of normal reference scans)"
+
+
+def _ordinal(n: int) -> str:
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"

@@ -39,6 +39,6 @@ def loop_score_and_saliency(slices: np.ndarray, indices: np.ndarray, encoder, gm
             (grad,) = torch.autograd.grad(nll, x)
             grads.append(grad[0, 0])
             if copy == 0:
-                scores.append(float(nll))
+                scores.append(nll.item())
         saliency.append(torch.stack(grads).mean(0).abs().cpu().numpy())
     return np.array(scores), np.stack(saliency)

@@ -1,0 +1,52 @@
+"""The bundled default model: present, safe to load, self-describing, and the README's demo works."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import SimpleITK as sitk
+
+from cradl import AnomalyDetector
+from cradl.bundle import DEFAULT_MODEL, load_bundle
+
+
+def test_the_default_model_is_bundled_with_the_module_and_small():
+    assert DEFAULT_MODEL.is_file()
+    assert DEFAULT_MODEL.stat().st_size < 25 * 2**20
+
+
+def test_its_manifest_names_the_training_recipe_and_calibration():
+    manifest = load_bundle().manifest
+    assert manifest["name"] == "cradl-default"
+    recipe = manifest["training"]["recipe"]
+    for key in ("epochs", "slice_size", "spacing_mm", "grid", "gmm_components", "seed"):
+        assert key in recipe
+    assert manifest["training"]["n_calibration_scans"] >= 10
+    assert manifest["gmm"]["n_components"] in (1, 2, 4, 8)
+    assert len(manifest["calibration"]["volume_scores"]) == manifest["training"]["n_calibration_scans"]
+
+
+def test_load_without_a_path_gives_the_default_model():
+    assert AnomalyDetector.load(device="cpu").info["name"] == "cradl-default"
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    run = subprocess.run([sys.executable, "-m", "cradl", "demo", "--out-dir", str(out)], capture_output=True,
+                         text=True, timeout=600)
+    return run, out
+
+
+def test_the_readme_demo_writes_heatmap_report_and_png(demo):
+    run, out = demo
+    assert run.returncode == 0, run.stderr
+    for name in ("sample_scan.nii.gz", "sample_heatmap.nii.gz", "sample_report.json", "sample.png"):
+        assert (out / name).is_file()
+    report = json.loads((out / "sample_report.json").read_text())
+    assert report["model"]["name"] == "cradl-default"
+    scan, heatmap = sitk.ReadImage(str(out / "sample_scan.nii.gz")), sitk.ReadImage(str(out / "sample_heatmap.nii.gz"))
+    assert heatmap.GetSize() == scan.GetSize() and heatmap.GetDirection() == scan.GetDirection()
+    assert "percentile" in run.stdout
