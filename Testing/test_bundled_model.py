@@ -50,3 +50,9 @@ def test_the_readme_demo_writes_heatmap_report_and_png(demo):
     scan, heatmap = sitk.ReadImage(str(out / "sample_scan.nii.gz")), sitk.ReadImage(str(out / "sample_heatmap.nii.gz"))
     assert heatmap.GetSize() == scan.GetSize() and heatmap.GetDirection() == scan.GetDirection()
     assert "percentile" in run.stdout
+
+
+def test_on_the_demo_scan_the_top_region_overlaps_the_inserted_lesion(demo):
+    run, out = demo
+    assert "top region overlaps the inserted lesion" in run.stdout, run.stdout
+    assert json.loads((out / "sample_report.json").read_text())["volume_percentile"] >= 95

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import SimpleITK as sitk
 import torch
 from sklearn.mixture import GaussianMixture
 from tqdm import tqdm
@@ -154,14 +155,10 @@ def train_model(normal_dirs, out: str | Path, config: TrainConfig = TrainConfig(
         "localization": config.localization,
         "calibration": calibration,
     }
-    save_bundle(out, manifest, encoder.cpu(), gmm.cpu(), sitk_array(space.template), sitk_array(space.template_mask))
+    save_bundle(out, manifest, encoder.cpu(), gmm.cpu(), sitk.GetArrayFromImage(space.template),
+                sitk.GetArrayFromImage(space.template_mask))
     log.info("wrote %s in %.0f s", out, time.perf_counter() - started)
     return out
-
-
-def sitk_array(image) -> np.ndarray:
-    import SimpleITK as sitk
-    return sitk.GetArrayFromImage(image)
 
 
 def _recipe(config: TrainConfig) -> dict:

@@ -1,0 +1,30 @@
+"""The vectorised scoring path equals the straightforward one (one slice, one copy, a loop over mixture
+components), and heatmaps do not depend on how slices are chunked."""
+from __future__ import annotations
+
+import numpy as np
+import SimpleITK as sitk
+
+from cradl import AnomalyDetector
+from cradl.evaluate.reference_impl import loop_score_and_saliency
+from cradl.io import read_image
+from cradl.localize import score_and_saliency
+
+
+def test_vectorised_scores_and_saliency_equal_the_straightforward_loop(tiny_detector, sample_case):
+    prepared = tiny_detector.prepare(read_image(sample_case[0]))
+    idx = prepared.slice_indices[::6]
+    slices = prepared.volume[idx]
+    args = (tiny_detector.encoder, tiny_detector.gmm, tiny_detector.localization, tiny_detector.device)
+    fast_nll, fast = score_and_saliency(slices, idx, *args, batch_size=5)
+    slow_nll, slow = loop_score_and_saliency(slices, idx, *args)
+    np.testing.assert_allclose(fast_nll, slow_nll, rtol=1e-4, atol=1e-3)
+    assert np.abs(fast - slow).max() <= 1e-2 * np.abs(slow).max()
+
+
+def test_heatmaps_do_not_depend_on_the_chunk_size(tiny_model, sample_case):
+    image = read_image(sample_case[0])
+    whole = AnomalyDetector.load(tiny_model, device="cpu", batch_size=1000).detect(image)
+    chunked = AnomalyDetector.load(tiny_model, device="cpu", batch_size=3).detect(image)
+    np.testing.assert_allclose(sitk.GetArrayViewFromImage(chunked.heatmap), sitk.GetArrayViewFromImage(whole.heatmap),
+                               rtol=1e-4, atol=1e-5)
