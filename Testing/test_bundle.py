@@ -86,25 +86,23 @@ def test_refuses_tampered_weights(bundle_path):
         load_bundle(bundle_path)
 
 
-def test_refuses_a_manifest_that_lies_about_shapes(bundle_path):
-    def lie(members):
+def _edit_manifest(path, edit):
+    def apply(members):
         manifest = json.loads(members["manifest.json"])
-        manifest["encoder"]["feature_dim"] = 16
+        edit(manifest)
         members["manifest.json"] = json.dumps(manifest).encode()
 
-    _rewrite(bundle_path, lie)
-    with pytest.raises(ModelError, match="consistent"):
-        load_bundle(bundle_path)
+    _rewrite(path, apply)
 
 
-def test_refuses_a_newer_format_version(bundle_path):
-    def bump(members):
-        manifest = json.loads(members["manifest.json"])
-        manifest["format_version"] = 99
-        members["manifest.json"] = json.dumps(manifest).encode()
-
-    _rewrite(bundle_path, bump)
-    with pytest.raises(ModelError, match="format version 99"):
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m["encoder"].update(feature_dim=16), "consistent"),  # lies about the weights' shapes
+    (lambda m: m.update(format_version=99), "format version 99"),  # written by a newer cradl
+    (lambda m: m.update(format="something-else"), "not a CRADL model bundle"),
+])
+def test_refuses_a_manifest_it_cannot_trust(bundle_path, edit, message):
+    _edit_manifest(bundle_path, edit)
+    with pytest.raises(ModelError, match=message):
         load_bundle(bundle_path)
 
 

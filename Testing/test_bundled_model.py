@@ -56,3 +56,12 @@ def test_on_the_demo_scan_the_top_region_overlaps_the_inserted_lesion(demo):
     run, out = demo
     assert "top region overlaps the inserted lesion" in run.stdout, run.stdout
     assert json.loads((out / "sample_report.json").read_text())["volume_percentile"] >= 95
+
+
+def test_the_demo_lesion_scores_far_above_its_normal_twin(sample_case):
+    """The tiny test model is too weak to separate them reliably; the bundled model must."""
+    detector = AnomalyDetector.load(device="cpu")
+    abnormal = detector.detect(sample_case[0], heatmap=False)
+    normal = detector.detect(sample_case[2], heatmap=False)
+    assert abnormal.volume_percentile >= 95 > normal.volume_percentile
+    assert abnormal.volume_score > normal.volume_score + 3
