@@ -119,7 +119,8 @@ def run_detect(args) -> int:
     from .detector import AnomalyDetector
 
     paths = _expand_inputs(args.inputs)
-    batch = args.out_dir is not None or len(paths) > 1 or Path(args.inputs[0]).is_dir() and not _is_dicom_folder(Path(args.inputs[0]))
+    first = Path(args.inputs[0])
+    batch = args.out_dir is not None or len(paths) > 1 or (first.is_dir() and not _is_dicom_folder(first))
     if batch and (args.heatmap or args.report or args.png):
         raise CradlError("with several inputs use --out-dir instead of --heatmap/--report/--png")
     if not batch and not (args.heatmap or args.report or args.png):
@@ -135,8 +136,9 @@ def run_detect(args) -> int:
     mask = read_image(args.mask, what="brain mask") if args.mask else None
     detector = AnomalyDetector.load(args.model, device=args.device)
     if not batch:
-        result = _detect_one(detector, paths[0], read_image(paths[0]), mask, args, progress=not args.quiet)
-        _write_outputs(result, read_image(paths[0]) if args.png else None, args.heatmap, args.report, args.png)
+        image = read_image(paths[0])
+        result = _detect_one(detector, paths[0], image, mask, args, progress=not args.quiet)
+        _write_outputs(result, image, args.heatmap, args.report, args.png)
         _print_summary(paths[0], result)
         return EXIT_OK
     return _run_batch(detector, paths, mask, args, out_dir)
@@ -194,11 +196,22 @@ def _print_summary(path: Path, result) -> None:
         print("  no region above the calibrated threshold")
 
 
+def _unique_stems(paths: list[Path]) -> list[str]:
+    """Output names per input; scan.nii.gz and scan.nrrd must not overwrite each other's results."""
+    seen: dict[str, int] = {}
+    stems = []
+    for path in paths:
+        stem = scan_stem(path)
+        seen[stem] = seen.get(stem, 0) + 1
+        stems.append(stem if seen[stem] == 1 else f"{stem}_{seen[stem]}")
+    return stems
+
+
 def _run_batch(detector, paths, mask, args, out_dir: Path) -> int:
     """One model, many scans; the next scan is read while the current one is processed."""
     from tqdm import tqdm
 
-    failures = []
+    failures, stems = [], _unique_stems(paths)
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as reader:
         pending = reader.submit(read_image, paths[0])
         for i, path in enumerate(tqdm(paths, desc="scans", unit="scan", disable=args.quiet)):
@@ -212,7 +225,7 @@ def _run_batch(detector, paths, mask, args, out_dir: Path) -> int:
                 if image is None:
                     raise error
                 result = _detect_one(detector, path, image, mask, args, progress=False)
-                stem = scan_stem(path)
+                stem = stems[i]
                 heatmap = None if args.no_heatmap else out_dir / f"{stem}_heatmap.nii.gz"
                 png = None if args.no_heatmap else out_dir / f"{stem}.png"
                 _write_outputs(result, image, heatmap, out_dir / f"{stem}_report.json", png)
