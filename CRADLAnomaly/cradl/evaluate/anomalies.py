@@ -23,14 +23,14 @@ in physical space (mm), so anisotropic and oddly oriented grids get correctly sh
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage as ndi
+
+from ..io import atomic_path, write_json
 
 ANOMALY_TYPES = ("tumour", "stroke", "wm_lesions", "resection", "blob", "noise_patch", "deformation", "copy_patch")
 
@@ -551,20 +551,14 @@ def _normal_scans(normal_dir: Path) -> list[dict]:
 
 
 def _copy_atomic(src: Path, dst: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name.split('.')[0]}-", suffix=".nii.gz", dir=dst.parent)
-    os.close(fd)
-    try:
+    with atomic_path(dst) as tmp:
         shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def generate_anomaly_set(normal_dir, out_dir, seed: int, sizes_mm=(5, 10, 20, 35, 50), types=ANOMALY_TYPES,
                          n_per_combo: int = 1, n_normals: int = 10, progress: bool = True) -> Path:
     """Inserts anomalies into the scans of normal_dir (a folder written by generate_normal_cohort, using its labels/ subfolder), writes out_dir/case_000.nii.gz + out_dir/masks/case_000_mask.nii.gz and out_dir/manifest.json listing every case {image, mask (null for normals), type ('normal' for clean scans), size_mm, contrast, source}. Normal (unmodified) scans are included as their own cases. Returns the manifest path."""
-    from ..train.synthetic import _write_json_atomic, write_image_atomic
+    from ..train.synthetic import write_image_atomic
 
     normal_dir, out_dir = Path(normal_dir), Path(out_dir)
     scans = _normal_scans(normal_dir)
@@ -624,7 +618,7 @@ def generate_anomaly_set(normal_dir, out_dir, seed: int, sizes_mm=(5, 10, 20, 35
     if bar is not None:
         bar.close()
     manifest = out_dir / "manifest.json"
-    _write_json_atomic({"generator": "cradl.evaluate.anomalies", "seed": int(seed), "normal_dir": str(normal_dir),
+    write_json({"generator": "cradl.evaluate.anomalies", "seed": int(seed), "normal_dir": str(normal_dir),
                         "sizes_mm": [float(v) for v in sizes_mm], "types": list(types),
                         "n_per_combo": int(n_per_combo), "n_normals": sum(k == "normal" for k, _ in plan),
                         "cases": cases}, manifest)

@@ -22,7 +22,6 @@ nearest neighbour). A scan takes about a second on one core; the same seed gives
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage as ndi
 
+from ..io import write_json
 from ..template import load_mni
 
 CONTRASTS = ("t1", "t2", "flair")
@@ -304,21 +304,13 @@ def write_image_atomic(image: sitk.Image, path: str | os.PathLike) -> None:
 
     Whole-number float images within the int16 range are stored as int16 (4x faster to compress).
     """
-    from ..io import atomic_path
+    from ..io import write_image
 
     if image.GetPixelID() == sitk.sitkFloat32:
         arr = sitk.GetArrayViewFromImage(image)
         if arr.size and np.all(np.abs(arr) < 32767) and np.array_equal(arr, np.rint(arr)):
             image = sitk.Cast(image, sitk.sitkInt16)
-    with atomic_path(path) as tmp:
-        sitk.WriteImage(image, str(tmp), True)
-
-
-def _write_json_atomic(data: dict, path: Path) -> None:
-    from ..io import atomic_path
-
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=1) + "\n")
+    write_image(image, path)
 
 
 def scan_rng(seed: int, index: int) -> np.random.Generator:
@@ -355,6 +347,6 @@ def generate_normal_cohort(out_dir, n: int, seed: int, progress: bool = True) ->
                         "resolution": params["resolution"], "augmentation": params})
         paths.append(path)
         del image, labels
-    _write_json_atomic({"generator": "cradl.train.synthetic", "template": "MNI152 2009a (nilearn)",
+    write_json({"generator": "cradl.train.synthetic", "template": "MNI152 2009a (nilearn)",
                         "seed": int(seed), "n": int(n), "scans": records}, out_dir / "cohort.json")
     return paths

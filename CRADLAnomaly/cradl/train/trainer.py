@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import datetime
-import json
 import logging
-import os
 import platform
 import time
 from dataclasses import asdict, dataclass, field
