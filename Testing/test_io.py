@@ -108,3 +108,13 @@ def test_atomic_writes_leave_nothing_behind_on_failure(tmp_path):
     assert list(tmp_path.iterdir()) == []
     write_json({"a": 1}, target)
     assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
+
+
+def test_written_files_get_ordinary_permissions(tmp_path):
+    import os
+
+    target = tmp_path / "report.json"
+    write_json({"a": 1}, target)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~mask
