@@ -99,10 +99,12 @@ def load_bundle(path: str | Path | None = None) -> ModelBundle:
         with zipfile.ZipFile(path) as archive:
             manifest = _read_manifest(archive, path)
             arrays = {name: _read_array(archive, name, spec, path) for name, spec in manifest["arrays"].items()}
+    except ModelError:
+        raise
     except zipfile.BadZipFile:
         raise ModelError(f"{path} is not a CRADL model bundle (not a valid bundle archive; truncated or foreign)") from None
-    except (OSError, EOFError, zipfile.LargeZipFile, ValueError, KeyError) as exc:
-        raise ModelError(f"{path} is damaged: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - a damaged archive fails in zipfile/zlib in many ways; all mean the same
+        raise ModelError(f"{path} is damaged ({type(exc).__name__}: {exc})") from None
     return _assemble(manifest, arrays, path)
 
 
