@@ -76,6 +76,14 @@ def resample(image: sitk.Image, reference: sitk.Image, transform: sitk.Transform
                          image.GetPixelID())
 
 
+# Registration schedule. Measured against the known affine of 20 synthetic scans (T1/T2/FLAIR, all
+# orientations, thick slices) on the 2 mm default grid: 60 iterations and 25 % sampling gave 1.25 mm mean
+# error in 1.07 s; 30 iterations and 10 % give 1.19 mm in 0.82 s; 5 % sampling or dropping the
+# full-resolution level cost accuracy (worst scan 3.2 and 2.8 mm).
+ITERATIONS_PER_STAGE = 30
+METRIC_SAMPLING = 0.10
+
+
 def register_affine(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image | None = None,
                     seed: int = 0) -> sitk.AffineTransform:
     """Affine transform mapping points of `fixed` (template) onto `moving` (scan).
@@ -87,12 +95,12 @@ def register_affine(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Imag
     moving = _coarse_copy(sitk.Cast(moving, sitk.sitkFloat32), fixed.GetSpacing()[0])
     initial = sitk.CenteredTransformInitializer(fixed, moving, sitk.Similarity3DTransform(),
                                                 sitk.CenteredTransformInitializerFilter.MOMENTS)
-    similarity = _run_registration(fixed, moving, initial, fixed_mask, seed, shrink=(4, 2), iterations=60)
+    similarity = _run_registration(fixed, moving, initial, fixed_mask, seed, shrink=(4, 2))
     affine = sitk.AffineTransform(3)
     affine.SetMatrix(similarity.GetMatrix())
     affine.SetTranslation(similarity.GetTranslation())
     affine.SetCenter(similarity.GetCenter())
-    return _run_registration(fixed, moving, affine, fixed_mask, seed, shrink=(2, 1), iterations=60)
+    return _run_registration(fixed, moving, affine, fixed_mask, seed, shrink=(2, 1))
 
 
 def _coarse_copy(image: sitk.Image, spacing: float) -> sitk.Image:
@@ -104,17 +112,17 @@ def _coarse_copy(image: sitk.Image, spacing: float) -> sitk.Image:
     return sitk.Shrink(sitk.SmoothingRecursiveGaussian(image, sigma), factors)
 
 
-def _run_registration(fixed, moving, initial, fixed_mask, seed, shrink, iterations):
+def _run_registration(fixed, moving, initial, fixed_mask, seed, shrink):
     reg = sitk.ImageRegistrationMethod()
     reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
     reg.SetMetricSamplingStrategy(reg.RANDOM)
     # SimpleITK reads seed 0 as "seed from the wall clock": offset it so every seed is reproducible
-    reg.SetMetricSamplingPercentage(0.25, seed + 1)
+    reg.SetMetricSamplingPercentage(METRIC_SAMPLING, seed + 1)
     if fixed_mask is not None:
         reg.SetMetricFixedMask(fixed_mask)
     reg.SetInterpolator(sitk.sitkLinear)
     reg.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-3,
-                                                 numberOfIterations=iterations,
+                                                 numberOfIterations=ITERATIONS_PER_STAGE,
                                                  gradientMagnitudeTolerance=1e-6)
     reg.SetOptimizerScalesFromPhysicalShift()
     reg.SetShrinkFactorsPerLevel(list(shrink))

@@ -109,6 +109,20 @@ def mni_brain_centre() -> np.ndarray:
     return _Template.get().centre.copy()
 
 
+def template_to_scan_affine(augmentation: dict) -> sitk.AffineTransform:
+    """The affine part of a synthetic scan's geometry: template (MNI, LPS mm) point -> scan point.
+
+    A scan's voxel at p shows template point c + A (p - c) + t (plus a smooth deformation of a few mm),
+    so this is the ground truth that registration to the template should recover.
+    """
+    linear = _rotation(np.deg2rad(augmentation["rotation_deg"])) @ np.diag(augmentation["scale"])
+    transform = sitk.AffineTransform(3)
+    transform.SetCenter([float(v) for v in mni_brain_centre()])
+    transform.SetMatrix([float(v) for v in np.linalg.inv(linear).ravel()])
+    transform.SetTranslation([float(v) for v in -np.linalg.inv(linear) @ np.asarray(augmentation["translation_mm"])])
+    return transform
+
+
 # ---------------------------------------------------------------------------- smooth fields
 
 def _bspline_basis(positions_mm: np.ndarray, knot_spacing_mm: float) -> np.ndarray:
