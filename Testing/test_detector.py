@@ -108,11 +108,22 @@ def test_a_user_brain_mask_restricts_the_heatmap(tiny_detector, sample_case):
     assert heat[outside].max() == 0
 
 
-def test_refuses_a_scan_that_is_not_a_brain(tiny_detector):
-    noise = sitk.GetImageFromArray(np.random.default_rng(0).random((40, 40, 40)).astype(np.float32))
-    noise.SetSpacing((4.0, 4.0, 4.0))
+def _noise():
+    return np.random.default_rng(0).random((40, 40, 40))
+
+
+def _phantom():
+    z, y, x = np.mgrid[:40, :40, :40]
+    inside = ((z - 20) / 16) ** 2 + ((y - 20) / 18) ** 2 + ((x - 20) / 15) ** 2 < 1
+    return inside * 100.0 + np.random.default_rng(0).normal(0, 5, inside.shape)
+
+
+@pytest.mark.parametrize("make", [_noise, _phantom], ids=["noise", "uniform ellipsoid phantom"])
+def test_refuses_a_scan_that_is_not_a_brain(tiny_detector, make):
+    image = sitk.GetImageFromArray(make().astype(np.float32))
+    image.SetSpacing((4.0, 4.0, 4.0))
     with pytest.raises(InputError, match="does not resemble a brain"):
-        tiny_detector.detect(noise, heatmap=False)
+        tiny_detector.detect(image, heatmap=False)
 
 
 def test_load_refuses_an_unknown_device(tiny_model):

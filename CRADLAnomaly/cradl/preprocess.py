@@ -46,16 +46,31 @@ def brain_slices(mask: np.ndarray, min_fraction: float) -> np.ndarray:
     return np.flatnonzero(area >= min_fraction * area.max())
 
 
-# |correlation| with the template inside the brain after alignment: about 0.35-0.95 for T1, T2 and FLAIR
-# scans (negative for T2), about 0.05 for noise. Below this the scan is not a brain MRI we can read.
-MIN_TEMPLATE_CORRELATION = 0.15
+# How much of the template's intensity variance inside the brain the scan's intensities explain after
+# alignment (correlation ratio over 32 intensity bins of the scan: any tissue contrast, monotone or not,
+# counts). Measured: 0.35-0.80 on 34 synthetic T1/T2/FLAIR scans incl. thick-slice and strong bias-field
+# T2s (whose linear correlation with the T1 template fell to 0.02); 0.001 for noise, 0.01 for smooth
+# noise, 0.13 for a uniform ellipsoid. Below this the scan is not a brain MRI we can read.
+MIN_TEMPLATE_EXPLAINED = 0.2
+
+
+def template_explained(volume: np.ndarray, template: np.ndarray, mask: np.ndarray, bins: int = 32) -> float:
+    """Correlation ratio: fraction of the template's variance in `mask` explained by binned scan intensity."""
+    scan, reference = volume[mask], np.asarray(template)[mask].astype(np.float64)
+    edges = np.quantile(scan, np.linspace(0, 1, bins + 1)[1:-1])
+    which = np.searchsorted(edges, scan)
+    counts = np.bincount(which, minlength=bins)
+    means = np.bincount(which, reference, minlength=bins) / np.maximum(counts, 1)
+    total = ((reference - reference.mean()) ** 2).sum()
+    return float((counts * (means - reference.mean()) ** 2).sum() / total) if total > 0 else 0.0
 
 
 def _check_resembles_brain(volume: np.ndarray, template: np.ndarray, mask: np.ndarray) -> None:
-    correlation = np.corrcoef(volume[mask], template[mask])[0, 1]
-    if not np.isfinite(correlation) or abs(correlation) < MIN_TEMPLATE_CORRELATION:
+    explained = template_explained(volume, template, mask)
+    if explained < MIN_TEMPLATE_EXPLAINED:
         raise InputError("the scan does not resemble a brain MRI after alignment to the template "
-                         f"(|correlation| {abs(np.nan_to_num(correlation)):.2f} < {MIN_TEMPLATE_CORRELATION})")
+                         f"(its intensities explain {explained:.0%} of the template's brain contrast; "
+                         f"a brain MRI explains at least {MIN_TEMPLATE_EXPLAINED:.0%})")
 
 
 def prepare_scan(image: sitk.Image, space: ReferenceSpace, normalisation: dict, min_brain_fraction: float,
