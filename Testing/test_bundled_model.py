@@ -25,7 +25,7 @@ def test_its_manifest_names_the_training_recipe_and_calibration():
         assert key in recipe
     assert manifest["training"]["n_calibration_scans"] >= 10
     assert manifest["gmm"]["n_components"] in (1, 2, 4, 8)
-    assert len(manifest["calibration"]["volume_scores"]) == manifest["training"]["n_calibration_scans"]
+    assert len(manifest["calibration"]["volume_scores"]) == manifest["calibration"]["n_scans"] >= 10
 
 
 def test_load_without_a_path_gives_the_default_model():

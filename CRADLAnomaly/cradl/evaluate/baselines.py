@@ -350,7 +350,7 @@ class ZScoreBaseline(Method):
         mean, std = self.atlases[self.atlas_for(prepared)]
         idx = prepared.slice_indices
         z = np.abs(prepared.volume[idx] - mean[idx]) / std[idx]
-        heat_idx = postprocess_saliency(z.astype(np.float32), prepared.mask[idx], self.localization)
+        heat_idx = postprocess_saliency(z.astype(np.float32), prepared.mask[idx], self.localization, idx)
         nll = np.array([np.percentile(h[m], 99) if m.any() else 0.0
                         for h, m in zip(heat_idx, prepared.mask[idx])], dtype=np.float64)
         if not heatmap:
@@ -476,7 +476,7 @@ class VAEBaseline(Method):
             return nll, None
         err = torch.cat(errors).numpy().astype(np.float32)
         heat = np.zeros(prepared.volume.shape, np.float32)
-        heat[idx] = postprocess_saliency(err, prepared.mask[idx], self.localization)
+        heat[idx] = postprocess_saliency(err, prepared.mask[idx], self.localization, idx)
         return nll, heat / float(self.calibration.get("heatmap_scale", 1.0))
 
     def describe(self):

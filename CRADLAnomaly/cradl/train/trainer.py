@@ -52,7 +52,7 @@ class TrainConfig:
     calibration_fraction: float = 0.15
     validation_fraction: float = 0.15
     min_region_mm3: float = 100.0
-    false_alarm_quantile: float = 0.9
+    false_alarm_quantile: float = 0.95
     volume_aggregate: str = DEFAULT_AGGREGATE
     localization: dict = field(default_factory=lambda: dict(DEFAULT_LOCALIZATION))
     normalisation: dict = field(default_factory=lambda: dict(DEFAULT_NORMALISATION))
@@ -244,18 +244,19 @@ def _fit_mixture(encoder, train_slices, val_slices, config: TrainConfig, dev) ->
 def _calibrate(encoder, gmm, val_scans: list[PreparedScan], scans: list[PreparedScan], config: TrainConfig,
                dev) -> dict:
     """Normal statistics on held-out normal scans: slice scores per position from the validation scans;
-    volume scores and heatmap values from the calibration scans, which nothing else has seen."""
+    volume scores from the calibration scans, which nothing else has seen; heatmap scale and threshold
+    from both (nothing was fitted to their heatmaps, and a false-alarm quantile needs every scan it can get)."""
     for p in encoder.parameters():
         p.requires_grad_(False)
     val_nll = [score_slices(s.slices, encoder, gmm, dev) for s in val_scans]
     means, stds = fit_slice_statistics(val_nll, [s.slice_indices for s in val_scans], val_scans[0].volume.shape[0])
     stats = {"slice_nll_mean": means, "slice_nll_std": stds, "volume_aggregate": config.volume_aggregate}
     nlls, heats, masks = [], [], []
-    for scan in tqdm(scans, desc="calibrating on held-out normals", unit="scan"):
+    for scan in tqdm(scans + val_scans, desc="calibrating on held-out normals", unit="scan"):
         idx = scan.slice_indices
         nll, saliency = score_and_saliency(scan.volume[idx], idx, encoder, gmm, config.localization, dev)
         nlls.append(nll)
-        heats.append(postprocess_saliency(saliency, scan.mask[idx], config.localization))
+        heats.append(postprocess_saliency(saliency, scan.mask[idx], config.localization, idx))
         masks.append(scan.mask[idx])
     stats["volume_scores"] = sorted(aggregate(n, s.slice_indices, stats) for n, s in zip(nlls, scans))
     scale = float(np.percentile(np.concatenate([h[m] for h, m in zip(heats, masks)]), 99.0))
@@ -263,7 +264,52 @@ def _calibrate(encoder, gmm, val_scans: list[PreparedScan], scans: list[Prepared
     # show a region of n voxels; a quantile of those over normal scans caps false alarms per scan.
     n_voxels = max(1, int(np.ceil(config.min_region_mm3 / config.spacing_mm ** 3)))
     upper = [float(np.sort(h[m])[-n_voxels]) / scale for h, m in zip(heats, masks)]
-    stats.update({"n_scans": len(scans), "heatmap_scale": scale,
+    stats.update({"n_scans": len(scans), "n_heatmap_scans": len(heats), "heatmap_scale": scale,
                   "voxel_threshold": float(np.quantile(upper, config.false_alarm_quantile)),
                   "normal_region_bounds": [round(u, 4) for u in upper], "min_region_mm3": config.min_region_mm3})
     return stats
+
+
+def recalibrate_model(model: str | Path | None, normal_dirs, out: str | Path, localization: dict | None = None,
+                      false_alarm_quantile: float | None = None, version: str | None = None,
+                      device: str = "auto", seed: int = 0) -> Path:
+    """Re-derive a model's normal statistics from normal scans it was not trained on; weights stay as they are.
+
+    For a site's own scanners and protocols, or after changing the heatmap post-processing
+    (`localization` overrides): the scans are split in two halves, one for the per-position slice
+    statistics, one for the volume-score percentiles, and both for the heatmap scale and threshold
+    (as in training; `false_alarm_quantile` defaults to the model's recipe).
+    """
+    import copy
+
+    from ..bundle import load_bundle
+
+    bundle = load_bundle(model)
+    paths = find_scans(normal_dirs)
+    if len(paths) < 4:
+        raise InputError(f"calibration needs at least 4 normal scans; found {len(paths)}")
+    manifest = copy.deepcopy(bundle.manifest)
+    known = TrainConfig.__dataclass_fields__
+    recipe = {k: v for k, v in manifest.get("training", {}).get("recipe", {}).items() if k in known}
+    config = TrainConfig(**recipe)
+    config.gmm_components = tuple(config.gmm_components)
+    config.localization = {**DEFAULT_LOCALIZATION, **manifest["localization"], **(localization or {})}
+    config.normalisation = manifest["normalisation"]
+    config.min_brain_fraction = manifest["reference"]["min_brain_fraction"]
+    if false_alarm_quantile is not None:
+        config.false_alarm_quantile = false_alarm_quantile
+    space = ReferenceSpace(bundle.grid, bundle.template, bundle.template_mask)
+    prepared = prepare_all(paths, space, config, cache=None)
+    order = np.random.default_rng(seed).permutation(len(paths))
+    half = len(paths) // 2
+    dev = resolve_device(device)
+    calibration = _calibrate(bundle.encoder.to(dev).eval(), bundle.gmm.to(dev), [prepared[i] for i in order[:half]],
+                             [prepared[i] for i in order[half:]], config, dev)
+    manifest["localization"] = config.localization
+    manifest["calibration"] = calibration
+    manifest["version"] = version or manifest["version"]
+    manifest.setdefault("recalibrations", []).append({
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "n_scans": len(paths), "data": [str(d) for d in normal_dirs], "cradl_version": __version__})
+    save_bundle(out, manifest, bundle.encoder.cpu(), bundle.gmm.cpu(), bundle.template, bundle.template_mask)
+    return Path(out)
