@@ -36,3 +36,12 @@ def test_the_heatmap_is_zero_outside_the_mask():
     mask[:, 8:24, 8:24] = True
     heat = postprocess_saliency(saliency, mask, DEFAULT_LOCALIZATION, np.arange(6))
     assert heat[~mask].max() == 0 and heat[mask].min() >= 0
+
+
+def test_bundles_written_before_cross_slice_smoothing_keep_their_heatmaps():
+    saliency = np.random.default_rng(3).random((6, 32, 32)).astype(np.float32)
+    mask = np.ones_like(saliency, dtype=bool)
+    old = {k: v for k, v in DEFAULT_LOCALIZATION.items() if k != "gaussian_sigma_z_px"}
+    in_plane_only = dict(DEFAULT_LOCALIZATION, gaussian_sigma_z_px=0.0)
+    np.testing.assert_array_equal(postprocess_saliency(saliency, mask, old, np.arange(6)),
+                                  postprocess_saliency(saliency, mask, in_plane_only, np.arange(6)))
