@@ -1,12 +1,14 @@
 """Reading scans: every supported format opens, every bad file is refused with one clear message."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
 from cradl.errors import InputError
-from cradl.io import atomic_path, read_image, validate_image, write_json
+from cradl.io import atomic_files, atomic_path, read_image, validate_image, write_json
 
 
 def volume(shape=(20, 24, 22), value=None, dtype=np.float32) -> sitk.Image:
@@ -118,3 +120,20 @@ def test_written_files_get_ordinary_permissions(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert target.stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_a_set_of_outputs_is_written_all_or_nothing(tmp_path):
+    (tmp_path / "report.json").write_text("earlier run")
+    with pytest.raises(RuntimeError):
+        with atomic_files() as files:
+            write_json({"new": 1}, files.path(tmp_path / "report.json"))
+            files.path(tmp_path / "heat.nii.gz").write_bytes(b"half")
+            raise RuntimeError("disk full")
+    assert [p.name for p in tmp_path.iterdir()] == ["report.json"]
+    assert (tmp_path / "report.json").read_text() == "earlier run"
+    with atomic_files() as files:
+        write_json({"new": 1}, files.path(tmp_path / "report.json"))
+        files.path(tmp_path / "heat.nii.gz").write_bytes(b"whole")
+        files.commit()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["heat.nii.gz", "report.json"]
+    assert json.loads((tmp_path / "report.json").read_text()) == {"new": 1}

@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from contextlib import contextmanager
 
 import numpy as np
+
+from cradl.errors import CradlError
+from cradl.io import AtomicFiles, atomic_files
 
 from .errors import BridgeError
 
@@ -30,59 +32,32 @@ def safeBaseName(name: str) -> str:
     return base or "scan"
 
 
-def _tempPath(directory: str, finalName: str) -> str:
-    # Keep the real extension at the end: writers choose the format from it.
-    fd, path = tempfile.mkstemp(prefix=".cradl-tmp-", suffix="-" + finalName, dir=directory)
-    os.close(fd)
-    return path
-
-
-class AtomicFileSet:
-    """Collects temporary files; ``commit()`` renames them all, otherwise they are removed."""
-
-    def __init__(self, directory: str):
-        self.directory = os.path.abspath(directory)
-        self._pending: list[tuple[str, str]] = []
-
-    def path(self, finalName: str) -> str:
-        temp = _tempPath(self.directory, finalName)
-        self._pending.append((temp, os.path.join(self.directory, finalName)))
-        return temp
-
-    def commit(self) -> list[str]:
-        for temp, final in self._pending:
-            if not os.path.isfile(temp) or os.path.getsize(temp) == 0:
-                raise BridgeError(f"Writing {os.path.basename(final)} failed (no data was written).")
-        done = []
-        for temp, final in self._pending:
-            os.replace(temp, final)
-            done.append(final)
-        self._pending = []
-        return done
-
-    def discard(self):
-        for temp, _ in self._pending:
-            try:
-                os.remove(temp)
-            except FileNotFoundError:
-                pass
-        self._pending = []
-
-
 @contextmanager
 def atomicFiles(directory: str):
+    """The core's all-or-nothing file set (cradl.io.AtomicFiles), for an output folder the user chose."""
     if not directory:
         raise BridgeError("No output folder given.")
     os.makedirs(directory, exist_ok=True)
     if not os.access(directory, os.W_OK):
         raise BridgeError(f"The output folder {directory} is not writable.")
-    files = AtomicFileSet(directory)
-    try:
-        yield files
-    except BaseException:
-        files.discard()
-        raise
-    files.discard()  # anything not committed
+    with atomic_files() as files:
+        yield _FolderFiles(directory, files)
+
+
+class _FolderFiles:
+    """Names files by their final name inside one folder."""
+
+    def __init__(self, directory: str, files: AtomicFiles):
+        self.directory, self._files = os.path.abspath(directory), files
+
+    def path(self, finalName: str) -> str:
+        return str(self._files.path(os.path.join(self.directory, finalName)))
+
+    def commit(self) -> list[str]:
+        try:
+            return [str(p) for p in self._files.commit()]
+        except CradlError as exc:
+            raise BridgeError(f"Saving failed: {exc}.") from None
 
 
 def _jsonDefault(value):

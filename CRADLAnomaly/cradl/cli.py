@@ -13,7 +13,7 @@ import traceback
 from pathlib import Path
 
 from .errors import CradlError, InputError
-from .io import IMAGE_SUFFIXES, is_image_path, read_image, write_image, write_json
+from .io import IMAGE_SUFFIXES, atomic_files, is_image_path, read_image, write_image, write_json
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -164,26 +164,19 @@ def _detect_one(detector, path, image, mask, args, progress: bool):
 
 
 def _write_outputs(result, image, heatmap_path, report_path, png_path) -> None:
-    """Write what was asked for; if any write fails, remove what this call already wrote."""
+    """Write what was asked for, all or nothing."""
     from .quicklook import write_quicklook
 
-    written = []
-    try:
+    with atomic_files() as files:
         if heatmap_path:
-            write_image(result.heatmap, heatmap_path)
-            written.append(heatmap_path)
+            write_image(result.heatmap, files.path(heatmap_path))
         if png_path:
             top = result.regions[0].centre_ras if result.regions else None
-            write_quicklook(image, result.heatmap, png_path, top, result.threshold,
+            write_quicklook(image, result.heatmap, files.path(png_path), top, result.threshold,
                             title=f"percentile {result.volume_percentile:.0f}")
-            written.append(png_path)
         if report_path:
-            write_json(result.to_report(), report_path)
-            written.append(report_path)
-    except BaseException:
-        for path in written:
-            Path(path).unlink(missing_ok=True)
-        raise
+            write_json(result.to_report(), files.path(report_path))
+        files.commit()
 
 
 def _print_summary(path: Path, result) -> None:

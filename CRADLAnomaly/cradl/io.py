@@ -112,26 +112,63 @@ def validate_image(image: sitk.Image, what: str = "scan") -> sitk.Image:
 
 # ---------------------------------------------------------------- atomic writes
 
+class AtomicFiles:
+    """Temporary files beside their final names; `commit` renames them all into place.
+
+    Until then nothing the user sees has changed: a failure part-way through a set of outputs
+    leaves neither a partial file nor a temporary behind, and files of an earlier run stay as they were.
+    """
+
+    def __init__(self):
+        self._pending: list[tuple[Path, Path]] = []
+
+    def path(self, final: str | os.PathLike) -> Path:
+        """A temporary path for `final`, in its folder, ending in its suffixes (writers choose formats by them)."""
+        final = Path(final)
+        parent = final.parent if str(final.parent) else Path(".")
+        if not parent.is_dir():
+            raise CradlError(f"cannot write {final}: folder {parent} does not exist")
+        if not os.access(parent, os.W_OK):
+            raise CradlError(f"cannot write {final}: folder {parent} is not writable")
+        suffix = "".join(final.suffixes) or ".tmp"
+        fd, tmp = tempfile.mkstemp(prefix=f".{final.name.split('.')[0]}-", suffix=suffix, dir=parent)
+        os.close(fd)
+        self._pending.append((Path(tmp), final))
+        return Path(tmp)
+
+    def commit(self) -> list[Path]:
+        for tmp, final in self._pending:
+            if not tmp.is_file() or tmp.stat().st_size == 0:
+                raise CradlError(f"writing {final} failed (no data was written)")
+        mode = 0o666 & ~_umask()  # mkstemp makes 0600; results get the permissions of a normal file
+        for tmp, final in self._pending:
+            os.chmod(tmp, mode)
+            os.replace(tmp, final)
+        done, self._pending = [final for _, final in self._pending], []
+        return done
+
+    def discard(self) -> None:
+        for tmp, _ in self._pending:
+            tmp.unlink(missing_ok=True)
+        self._pending = []
+
+
+@contextlib.contextmanager
+def atomic_files() -> Iterator[AtomicFiles]:
+    """All-or-nothing writing of several files: commit inside the block, or nothing is kept."""
+    files = AtomicFiles()
+    try:
+        yield files
+    finally:
+        files.discard()  # whatever was not committed
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds."""
-    path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise CradlError(f"cannot write {path}: folder {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise CradlError(f"cannot write {path}: folder {parent} is not writable")
-    suffix = "".join(path.suffixes) or ".tmp"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name.split('.')[0]}-", suffix=suffix, dir=parent)
-    os.close(fd)
-    tmp = Path(tmp)
-    try:
-        yield tmp
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results get the permissions of a normal file
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_files() as files:
+        yield files.path(path)
+        files.commit()
 
 
 def _umask() -> int:
