@@ -2,11 +2,15 @@
 onto the input's exact grid whatever the file's orientation."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from cradl.io import read_image
 from cradl.space import ReferenceSpace, lps_to_ras, ras_to_lps
+from cradl.train.synthetic import template_to_scan_affine
 
 
 @pytest.fixture(scope="module")
@@ -106,11 +110,6 @@ def test_registration_recovers_the_known_affine_of_every_synthetic_scan(space, n
     The synthetic scans also carry a smooth non-linear deformation of a few mm that no affine can
     undo, so the bound is on the mean over brain points, not on each point.
     """
-    import json
-
-    from cradl.io import read_image
-    from cradl.train.synthetic import template_to_scan_affine
-
     brain = np.argwhere(sitk.GetArrayViewFromImage(space.template_mask) > 0)[::40, ::-1]
     points = [space.template_mask.TransformIndexToPhysicalPoint([int(v) for v in i]) for i in brain]
     errors = []

@@ -293,6 +293,7 @@ def recalibrate_model(model: str | Path | None, normal_dirs, out: str | Path, lo
     recipe = {k: v for k, v in manifest.get("training", {}).get("recipe", {}).items() if k in known}
     config = TrainConfig(**recipe)
     config.gmm_components = tuple(config.gmm_components)
+    # settings an older bundle lacks (e.g. smoothing across slices) take today's defaults
     config.localization = {**DEFAULT_LOCALIZATION, **manifest["localization"], **(localization or {})}
     config.normalisation = manifest["normalisation"]
     config.min_brain_fraction = manifest["reference"]["min_brain_fraction"]
