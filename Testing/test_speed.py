@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import SimpleITK as sitk
+import torch
 
 from cradl import AnomalyDetector
 from cradl.evaluate.reference_impl import loop_score_and_saliency
@@ -28,3 +29,21 @@ def test_heatmaps_do_not_depend_on_the_chunk_size(tiny_model, sample_case):
     chunked = AnomalyDetector.load(tiny_model, device="cpu", batch_size=3).detect(image)
     np.testing.assert_allclose(sitk.GetArrayViewFromImage(chunked.heatmap), sitk.GetArrayViewFromImage(whole.heatmap),
                                rtol=1e-4, atol=1e-5)
+
+
+def test_the_channels_last_encoder_gives_the_contiguous_encoders_results(tiny_detector, sample_case):
+    """The CPU speed-up from the channels-last weight layout changes only the order of float sums."""
+    conv_weight = next(p for p in tiny_detector.encoder.parameters() if p.dim() == 4)
+    assert conv_weight.is_contiguous(memory_format=torch.channels_last)
+    prepared = tiny_detector.prepare(read_image(sample_case[0]))
+    idx = prepared.slice_indices
+    contiguous = tiny_detector.encoder.to(memory_format=torch.contiguous_format)
+    try:
+        base_nll, base = score_and_saliency(prepared.volume[idx], idx, contiguous, tiny_detector.gmm,
+                                            tiny_detector.localization, tiny_detector.device)
+    finally:
+        tiny_detector.encoder.to(memory_format=torch.channels_last)
+    nll, saliency = score_and_saliency(prepared.volume[idx], idx, tiny_detector.encoder, tiny_detector.gmm,
+                                       tiny_detector.localization, tiny_detector.device)
+    np.testing.assert_allclose(nll, base_nll, rtol=1e-4, atol=1e-3)
+    assert np.abs(saliency - base).max() <= 1e-2 * np.abs(base).max()

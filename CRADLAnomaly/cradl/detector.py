@@ -85,11 +85,20 @@ class AnomalyDetector:
     >>> result.volume_percentile, result.regions[:3]
     """
 
-    def __init__(self, bundle: ModelBundle, device: str | torch.device = "auto", batch_size: int = 16):
+    # Measured on the 2-core CPU (66 slices of a 1 mm brain, forward + backward): 0.76 s in batches of 16
+    # with contiguous weights, 0.59 s in batches of 8 with channels-last weights (heatmaps equal to
+    # 2.3e-3 of their maximum, scores to 1.4e-4). bfloat16 was faster still (0.40 s) but moved heatmaps
+    # by 8 % and scores by 3.6, so it is not used. On a GPU the layout is left as it is (not measured).
+    DEFAULT_BATCH_SIZE = 8
+
+    def __init__(self, bundle: ModelBundle, device: str | torch.device = "auto",
+                 batch_size: int = DEFAULT_BATCH_SIZE):
         self.bundle = bundle
         self.device = resolve_device(device)
         self.batch_size = batch_size
         self.encoder = bundle.encoder.to(self.device).eval()
+        if self.device.type == "cpu":
+            self.encoder = self.encoder.to(memory_format=torch.channels_last)
         self.gmm = bundle.gmm.to(self.device).eval()
         for parameter in self.encoder.parameters():
             parameter.requires_grad_(False)
@@ -101,7 +110,8 @@ class AnomalyDetector:
         self.min_brain_fraction = float(manifest["reference"]["min_brain_fraction"])
 
     @classmethod
-    def load(cls, path: str | Path | None = None, device: str = "auto", batch_size: int = 16) -> "AnomalyDetector":
+    def load(cls, path: str | Path | None = None, device: str = "auto",
+             batch_size: int = DEFAULT_BATCH_SIZE) -> "AnomalyDetector":
         return cls(load_bundle(path), device=device, batch_size=batch_size)
 
     @property
