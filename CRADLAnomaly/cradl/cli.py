@@ -240,6 +240,17 @@ def _run_batch(detector, paths, mask, args, out_dir: Path) -> int:
 
 # ---------------------------------------------------------------------------- train
 
+def _add_normals_and_bundle_out(p):
+    p.add_argument("--normal", nargs="+", required=True, help="folders of normal scans")
+    p.add_argument("--out", required=True, help="model bundle to write (.cradl)")
+
+
+def _check_bundle_out(path: str) -> None:
+    if not path.endswith(".cradl"):
+        raise CradlError("--out must end with .cradl")
+    _check_writable(path)
+
+
 def _add_train(sub):
     from .train.trainer import TrainConfig
 
@@ -248,8 +259,7 @@ def _add_train(sub):
                        description="SimCLR on 2D slices of normal scans, a Gaussian mixture on the encoder's "
                        "features, calibration on held-out normal scans; writes one model bundle. Resumes from "
                        "OUT.ckpt and OUT.prep.npz when they exist (delete them to start over).")
-    p.add_argument("--normal", nargs="+", required=True, help="folders of normal scans")
-    p.add_argument("--out", required=True, help="model bundle to write (.cradl)")
+    _add_normals_and_bundle_out(p)
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--slice-size", type=int, default=d.slice_size)
@@ -276,8 +286,7 @@ def _add_train(sub):
 def run_train(args) -> int:
     from .train.trainer import TrainConfig, train_model
 
-    if not args.out.endswith(".cradl"):
-        raise CradlError("--out must end with .cradl")
+    _check_bundle_out(args.out)
     if args.log:
         handler = logging.FileHandler(args.log)
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
@@ -297,8 +306,7 @@ def _add_calibrate(sub):
                        description="Keeps the encoder and mixture; recomputes the per-position slice statistics, "
                        "the volume-score percentiles and the heatmap scale and threshold from normal scans the "
                        "model was not trained on (at least 4; e.g. your scanner's), and writes a new bundle.")
-    p.add_argument("--normal", nargs="+", required=True, help="folders of normal scans")
-    p.add_argument("--out", required=True, help="model bundle to write (.cradl)")
+    _add_normals_and_bundle_out(p)
     p.add_argument("--model", help="model bundle to start from; default: the bundled model")
     p.add_argument("--smoothing", type=float, nargs=2, metavar=("IN_PLANE_PX", "ACROSS_SLICES_PX"),
                    help="Gaussian sigmas of the heatmap post-processing; default: the model's")
@@ -313,9 +321,7 @@ def _add_calibrate(sub):
 def run_calibrate(args) -> int:
     from .train.trainer import recalibrate_model
 
-    if not args.out.endswith(".cradl"):
-        raise CradlError("--out must end with .cradl")
-    _check_writable(args.out)
+    _check_bundle_out(args.out)
     overrides = None
     if args.smoothing:
         if min(args.smoothing) < 0:
