@@ -166,8 +166,10 @@ def test_calibrate_rederives_normal_statistics_and_keeps_the_weights(tiny_model,
 
     normals = _folder_of(sorted(normal_cohort.glob("normal_*.nii.gz"))[:4], tmp_path / "site_normals")
     out = tmp_path / "site.cradl"
-    run = cradl("calibrate", "--model", tiny_model, "--normal", normals, "--out", out, "--smoothing", "2", "1")
+    run = cradl("calibrate", "--model", tiny_model, "--normal", normals, "--out", out, "--smoothing", "2", "1",
+                "--quiet")
     assert run.returncode == 0, run.stderr
+    assert "aligning" not in run.stderr and "calibrating" not in run.stderr  # --quiet: no progress bars
     before, after = load_bundle(tiny_model), load_bundle(out)
     x = torch.rand(2, 1, 64, 64)
     assert torch.equal(before.encoder(x), after.encoder(x))

@@ -280,6 +280,7 @@ def _add_train(sub):
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
     p.add_argument("--log", help="also append the training log to this file")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (the log still records each epoch)")
     p.set_defaults(run=run_train)
 
 
@@ -296,7 +297,8 @@ def run_train(args) -> int:
                          grid=args.grid, geometry=args.geometry,
                          learning_rate=args.learning_rate, gmm_components=tuple(args.components), name=args.name,
                          version=args.version, description=args.description, seed=args.seed)
-    out = train_model(args.normal, args.out, config, device=args.device, resume=not args.no_resume)
+    out = train_model(args.normal, args.out, config, device=args.device, resume=not args.no_resume,
+                      progress=not args.quiet)
     print(f"wrote {out}")
     return EXIT_OK
 
@@ -315,6 +317,7 @@ def _add_calibrate(sub):
                    "(higher: fewer false regions, fewer detections); default: the model's")
     p.add_argument("--version", help="version of the new bundle; default: the model's")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=run_calibrate)
 
 
@@ -330,7 +333,7 @@ def run_calibrate(args) -> int:
     if args.false_alarm_quantile is not None and not 0 < args.false_alarm_quantile <= 1:
         raise CradlError("--false-alarm-quantile must be in (0, 1]")
     out = recalibrate_model(args.model, args.normal, args.out, overrides, args.false_alarm_quantile, args.version,
-                            device=args.device)
+                            device=args.device, progress=not args.quiet)
     print(f"wrote {out}")
     return EXIT_OK
 

@@ -81,7 +81,8 @@ def recipe_config(detector: AnomalyDetector, **overrides) -> TrainConfig:
     return TrainConfig(**recipe)
 
 
-def load_cohort(detector: AnomalyDetector, normal_dirs=None, cache: Path | None = None) -> Cohort:
+def load_cohort(detector: AnomalyDetector, normal_dirs=None, cache: Path | None = None,
+                progress: bool = True) -> Cohort:
     """The normal scans the model was trained on (default: the folders its manifest names), prepared in its space."""
     config = recipe_config(detector)
     dirs = list(normal_dirs or detector.bundle.manifest.get("training", {}).get("data", []))
@@ -89,7 +90,7 @@ def load_cohort(detector: AnomalyDetector, normal_dirs=None, cache: Path | None 
         raise ValueError("the model does not name its training data; pass the normal-scan folder")
     paths = find_scans(dirs)
     train, val, cal = split_scans(len(paths), config)
-    scans = prepare_all(paths, detector.space, config, cache)
+    scans = prepare_all(paths, detector.space, config, cache, progress)
     # the trainer's cache holds float16 volumes (returned as such when it is reused): score in float32
     scans = [PreparedScan(s.volume.astype(np.float32), s.mask.astype(bool), s.transform, s.slice_indices)
              for s in scans]

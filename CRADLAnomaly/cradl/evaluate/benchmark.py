@@ -450,7 +450,8 @@ def run_benchmark(config: BenchmarkConfig, out_dir, model=None, normals=None, de
             recipe = dict(config.recipe)
             if "gmm_components" in recipe:
                 recipe["gmm_components"] = tuple(recipe["gmm_components"])
-            train_model([normals], model, TrainConfig(**{"seed": config.seed, **recipe}), device=device, resume=True)
+            train_model([normals], model, TrainConfig(**{"seed": config.seed, **recipe}), device=device, resume=True,
+                        progress=progress)
     model = Path(model)
     detector = AnomalyDetector.load(model, device=device)
     step("model", t)
@@ -460,7 +461,7 @@ def run_benchmark(config: BenchmarkConfig, out_dir, model=None, normals=None, de
     cache = model.with_suffix(".prep.npz")
     if not cache.exists() or not os.access(cache.parent, os.W_OK):
         cache = out / "cohort.prep.npz"
-    cohort = bl.load_cohort(detector, [normals] if normals else None, cache=cache)
+    cohort = bl.load_cohort(detector, [normals] if normals else None, cache=cache, progress=progress)
     methods, names = [], {}
     variant_ks = [k for k in config.ks if k != detector.gmm.n_components]
     methods += bl.cradl_k_variants(detector, cohort, variant_ks)

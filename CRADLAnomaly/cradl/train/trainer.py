@@ -84,7 +84,8 @@ def split_scans(n: int, config: TrainConfig) -> tuple[np.ndarray, np.ndarray, np
     return np.sort(order[n_cal + n_val:]), np.sort(order[n_cal:n_cal + n_val]), np.sort(order[:n_cal])
 
 
-def prepare_all(paths: list[Path], space: ReferenceSpace, config: TrainConfig, cache: Path | None) -> list[PreparedScan]:
+def prepare_all(paths: list[Path], space: ReferenceSpace, config: TrainConfig, cache: Path | None,
+                progress: bool = True) -> list[PreparedScan]:
     """Align and normalise every scan once; cached so a resumed run skips the registrations."""
     if cache is not None and cache.exists():
         data = np.load(cache, allow_pickle=False)
@@ -93,7 +94,7 @@ def prepare_all(paths: list[Path], space: ReferenceSpace, config: TrainConfig, c
             return [PreparedScan(data[f"v{i}"].astype(np.float32), data[f"m{i}"], None, data[f"s{i}"])
                     for i in range(len(paths))]
     prepared = []
-    for path in tqdm(paths, desc="aligning normal scans", unit="scan"):
+    for path in tqdm(paths, desc="aligning normal scans", unit="scan", disable=not progress):
         try:
             scan = prepare_scan(read_image(path), space, config.normalisation, config.min_brain_fraction)
         except CradlError as exc:
@@ -111,7 +112,7 @@ def prepare_all(paths: list[Path], space: ReferenceSpace, config: TrainConfig, c
 
 
 def train_model(normal_dirs, out: str | Path, config: TrainConfig = TrainConfig(), device: str = "auto",
-                resume: bool = True, scans: list[Path] | None = None) -> Path:
+                resume: bool = True, scans: list[Path] | None = None, progress: bool = True) -> Path:
     """Train on the normal scans in `normal_dirs` and write the bundle to `out`. Returns `out`."""
     started = time.perf_counter()
     out = Path(out)
@@ -122,20 +123,21 @@ def train_model(normal_dirs, out: str | Path, config: TrainConfig = TrainConfig(
     paths = scans if scans is not None else find_scans(normal_dirs)
     train_idx, val_idx, cal_idx = split_scans(len(paths), config)
     space = ReferenceSpace.from_mni(config.slice_size, config.spacing_mm)
-    prepared = prepare_all(paths, space, config, out.with_suffix(".prep.npz") if resume else None)
+    prepared = prepare_all(paths, space, config, out.with_suffix(".prep.npz") if resume else None, progress)
 
     train_slices = np.concatenate([prepared[i].slices for i in train_idx])
     log.info("%d scans: %d training (%d slices), %d validation, %d calibration", len(paths), len(train_idx),
              len(train_slices), len(val_idx), len(cal_idx))
     encoder = SliceEncoder(config.width, config.feature_dim, config.grid).to(dev)
     head = ProjectionHead(config.feature_dim, config.projection_dim).to(dev)
-    history = _simclr(encoder, head, train_slices, config, dev, out.with_suffix(".ckpt") if resume else None)
+    history = _simclr(encoder, head, train_slices, config, dev, out.with_suffix(".ckpt") if resume else None,
+                      progress)
     encoder.eval()
 
     gmm, selection = _fit_mixture(encoder, train_slices, np.concatenate([prepared[i].slices for i in val_idx]),
                                   config, dev)
     calibration = _calibrate(encoder, gmm, [prepared[i] for i in val_idx], [prepared[i] for i in cal_idx],
-                             config, dev)
+                             config, dev, progress)
     manifest = {
         "name": config.name, "version": config.version, "description": config.description,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -172,7 +174,7 @@ def _device_name(dev: torch.device) -> str:
 
 
 def _simclr(encoder: SliceEncoder, head: ProjectionHead, slices: np.ndarray, config: TrainConfig,
-            dev: torch.device, checkpoint: Path | None) -> list[float]:
+            dev: torch.device, checkpoint: Path | None, progress: bool = True) -> list[float]:
     params = list(encoder.parameters()) + list(head.parameters())
     optimiser = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     steps_per_epoch = max(1, len(slices) // config.batch_size)
@@ -193,7 +195,8 @@ def _simclr(encoder: SliceEncoder, head: ProjectionHead, slices: np.ndarray, con
         generator.manual_seed(config.seed * 1000 + epoch)
         order = torch.randperm(len(data), generator=torch.Generator().manual_seed(config.seed * 1000 + epoch))
         losses = []
-        bar = tqdm(range(steps_per_epoch), desc=f"SimCLR epoch {epoch + 1}/{config.epochs}", unit="batch", leave=False)
+        bar = tqdm(range(steps_per_epoch), desc=f"SimCLR epoch {epoch + 1}/{config.epochs}", unit="batch", leave=False,
+                   disable=not progress)
         for step in bar:
             batch = data[order[step * config.batch_size:(step + 1) * config.batch_size]].to(dev)
             z1 = head(encoder(simclr_view(batch, generator, config.geometry)))
@@ -242,7 +245,7 @@ def _fit_mixture(encoder, train_slices, val_slices, config: TrainConfig, dev) ->
 
 
 def _calibrate(encoder, gmm, val_scans: list[PreparedScan], scans: list[PreparedScan], config: TrainConfig,
-               dev) -> dict:
+               dev, progress: bool = True) -> dict:
     """Normal statistics on held-out normal scans: slice scores per position from the validation scans;
     volume scores from the calibration scans, which nothing else has seen; heatmap scale and threshold
     from both (nothing was fitted to their heatmaps, and a false-alarm quantile needs every scan it can get)."""
@@ -252,7 +255,7 @@ def _calibrate(encoder, gmm, val_scans: list[PreparedScan], scans: list[Prepared
     means, stds = fit_slice_statistics(val_nll, [s.slice_indices for s in val_scans], val_scans[0].volume.shape[0])
     stats = {"slice_nll_mean": means, "slice_nll_std": stds, "volume_aggregate": config.volume_aggregate}
     nlls, heats, masks = [], [], []
-    for scan in tqdm(scans + val_scans, desc="calibrating on held-out normals", unit="scan"):
+    for scan in tqdm(scans + val_scans, desc="calibrating on held-out normals", unit="scan", disable=not progress):
         idx = scan.slice_indices
         nll, saliency = score_and_saliency(scan.volume[idx], idx, encoder, gmm, config.localization, dev)
         nlls.append(nll)
@@ -272,7 +275,7 @@ def _calibrate(encoder, gmm, val_scans: list[PreparedScan], scans: list[Prepared
 
 def recalibrate_model(model: str | Path | None, normal_dirs, out: str | Path, localization: dict | None = None,
                       false_alarm_quantile: float | None = None, version: str | None = None,
-                      device: str = "auto", seed: int = 0) -> Path:
+                      device: str = "auto", seed: int = 0, progress: bool = True) -> Path:
     """Re-derive a model's normal statistics from normal scans it was not trained on; weights stay as they are.
 
     For a site's own scanners and protocols, or after changing the heatmap post-processing
@@ -300,12 +303,12 @@ def recalibrate_model(model: str | Path | None, normal_dirs, out: str | Path, lo
     if false_alarm_quantile is not None:
         config.false_alarm_quantile = false_alarm_quantile
     space = ReferenceSpace(bundle.grid, bundle.template, bundle.template_mask)
-    prepared = prepare_all(paths, space, config, cache=None)
+    prepared = prepare_all(paths, space, config, cache=None, progress=progress)
     order = np.random.default_rng(seed).permutation(len(paths))
     half = len(paths) // 2
     dev = resolve_device(device)
     calibration = _calibrate(bundle.encoder.to(dev).eval(), bundle.gmm.to(dev), [prepared[i] for i in order[:half]],
-                             [prepared[i] for i in order[half:]], config, dev)
+                             [prepared[i] for i in order[half:]], config, dev, progress)
     manifest["localization"] = config.localization
     manifest["calibration"] = calibration
     manifest["version"] = version or manifest["version"]
