@@ -185,3 +185,14 @@ def test_calibrate_refuses_too_few_scans_without_writing(tiny_model, normal_coho
     out = tmp_path / "site.cradl"
     run = cradl("calibrate", "--model", tiny_model, "--normal", normals, "--out", out)
     assert run.returncode == 2 and "at least 4" in run.stderr and not out.exists()
+
+
+def test_quiet_training_keeps_the_console_clean_and_the_log_complete(normal_cohort, tmp_path):
+    normals = _folder_of(sorted(normal_cohort.glob("normal_*.nii.gz"))[:6], tmp_path / "normals")
+    out, log = tmp_path / "m.cradl", tmp_path / "train.log"
+    run = cradl("train", "--normal", normals, "--out", out, "--epochs", "2", "--slice-size", "32", "--spacing", "6",
+                "--width", "4", "--feature-dim", "8", "--components", "1", "2", "--batch-size", "32",
+                "--quiet", "--log", log)
+    assert run.returncode == 0, run.stderr
+    assert run.stderr.strip() == "" and out.is_file()
+    assert "epoch 1/2" in log.read_text() and "epoch 2/2" in log.read_text()

@@ -26,8 +26,10 @@ class _Parser(argparse.ArgumentParser):
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
-                        format="%(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if getattr(args, "quiet", False):
+        for handler in logging.getLogger().handlers:
+            handler.setLevel(logging.WARNING)  # the console only: a --log file still gets every epoch
     try:
         return args.run(args) or EXIT_OK
     except CradlError as exc:
@@ -280,7 +282,8 @@ def _add_train(sub):
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
     p.add_argument("--log", help="also append the training log to this file")
-    p.add_argument("--quiet", action="store_true", help="no progress bars (the log still records each epoch)")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bars or epoch lines on the console (--log still records every epoch)")
     p.set_defaults(run=run_train)
 
 
