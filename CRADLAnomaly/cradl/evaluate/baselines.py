@@ -23,7 +23,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +39,8 @@ from ..encoder import ProjectionHead, SliceEncoder
 from ..gmm import GaussianMixtureNLL
 from ..localize import postprocess_saliency
 from ..preprocess import PreparedScan
-from ..train.trainer import TrainConfig, _calibrate, _simclr, encode, find_scans, prepare_all, split_scans
+from ..train.trainer import (TrainConfig, _calibrate, _simclr, config_from_manifest, encode, find_scans, prepare_all,
+                             split_scans)
 
 log = logging.getLogger("cradl.evaluate")
 
@@ -66,25 +67,10 @@ class Cohort:
         return np.concatenate([self.scans[i].slices for i in idx])
 
 
-def recipe_config(detector: AnomalyDetector, **overrides) -> TrainConfig:
-    """The TrainConfig a bundle was trained with (its manifest's recipe), with overrides."""
-    recipe = dict(detector.bundle.manifest.get("training", {}).get("recipe", {}))
-    names = {f.name for f in fields(TrainConfig)}
-    recipe = {k: v for k, v in recipe.items() if k in names}
-    if "gmm_components" in recipe:
-        recipe["gmm_components"] = tuple(recipe["gmm_components"])
-    recipe.update(overrides)
-    # detection settings of the bundle win over the recipe (they are what the detector uses)
-    recipe["localization"] = dict(detector.localization)
-    recipe["normalisation"] = dict(detector.normalisation)
-    recipe["min_brain_fraction"] = detector.min_brain_fraction
-    return TrainConfig(**recipe)
-
-
 def load_cohort(detector: AnomalyDetector, normal_dirs=None, cache: Path | None = None,
                 progress: bool = True) -> Cohort:
     """The normal scans the model was trained on (default: the folders its manifest names), prepared in its space."""
-    config = recipe_config(detector)
+    config = config_from_manifest(detector.bundle.manifest)
     dirs = list(normal_dirs or detector.bundle.manifest.get("training", {}).get("data", []))
     if not dirs:
         raise ValueError("the model does not name its training data; pass the normal-scan folder")

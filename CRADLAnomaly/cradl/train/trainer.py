@@ -5,7 +5,7 @@ import datetime
 import logging
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -273,6 +273,19 @@ def _calibrate(encoder, gmm, val_scans: list[PreparedScan], scans: list[Prepared
     return stats
 
 
+def config_from_manifest(manifest: dict, **overrides) -> TrainConfig:
+    """The TrainConfig a bundle was trained with (its recipe), with the bundle's detection settings winning
+    over the recipe (they are what detection uses), then `overrides`."""
+    names = {f.name for f in fields(TrainConfig)}
+    recipe = {k: v for k, v in manifest.get("training", {}).get("recipe", {}).items() if k in names}
+    if "gmm_components" in recipe:
+        recipe["gmm_components"] = tuple(recipe["gmm_components"])
+    recipe.update(localization=dict(manifest["localization"]), normalisation=dict(manifest["normalisation"]),
+                  min_brain_fraction=manifest["reference"]["min_brain_fraction"])
+    recipe.update(overrides)
+    return TrainConfig(**recipe)
+
+
 def recalibrate_model(model: str | Path | None, normal_dirs, out: str | Path, localization: dict | None = None,
                       false_alarm_quantile: float | None = None, version: str | None = None,
                       device: str = "auto", seed: int = 0, progress: bool = True) -> Path:
@@ -292,16 +305,11 @@ def recalibrate_model(model: str | Path | None, normal_dirs, out: str | Path, lo
     if len(paths) < 4:
         raise InputError(f"calibration needs at least 4 normal scans; found {len(paths)}")
     manifest = copy.deepcopy(bundle.manifest)
-    known = TrainConfig.__dataclass_fields__
-    recipe = {k: v for k, v in manifest.get("training", {}).get("recipe", {}).items() if k in known}
-    config = TrainConfig(**recipe)
-    config.gmm_components = tuple(config.gmm_components)
     # settings an older bundle lacks (e.g. smoothing across slices) take today's defaults
-    config.localization = {**DEFAULT_LOCALIZATION, **manifest["localization"], **(localization or {})}
-    config.normalisation = manifest["normalisation"]
-    config.min_brain_fraction = manifest["reference"]["min_brain_fraction"]
+    overrides = {"localization": {**DEFAULT_LOCALIZATION, **manifest["localization"], **(localization or {})}}
     if false_alarm_quantile is not None:
-        config.false_alarm_quantile = false_alarm_quantile
+        overrides["false_alarm_quantile"] = false_alarm_quantile
+    config = config_from_manifest(manifest, **overrides)
     space = ReferenceSpace(bundle.grid, bundle.template, bundle.template_mask)
     prepared = prepare_all(paths, space, config, cache=None, progress=progress)
     order = np.random.default_rng(seed).permutation(len(paths))
