@@ -619,7 +619,7 @@ def generate_anomaly_set(normal_dir, out_dir, seed: int, sizes_mm=(5, 10, 20, 35
         bar.close()
     manifest = out_dir / "manifest.json"
     write_json({"generator": "cradl.evaluate.anomalies", "seed": int(seed), "normal_dir": str(normal_dir),
-                        "sizes_mm": [float(v) for v in sizes_mm], "types": list(types),
-                        "n_per_combo": int(n_per_combo), "n_normals": sum(k == "normal" for k, _ in plan),
-                        "cases": cases}, manifest)
+                "sizes_mm": [float(v) for v in sizes_mm], "types": list(types),
+                "n_per_combo": int(n_per_combo), "n_normals": sum(k == "normal" for k, _ in plan),
+                "cases": cases}, manifest)
     return manifest

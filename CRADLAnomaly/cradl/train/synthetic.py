@@ -116,10 +116,11 @@ def template_to_scan_affine(augmentation: dict) -> sitk.AffineTransform:
     so this is the ground truth that registration to the template should recover.
     """
     linear = _rotation(np.deg2rad(augmentation["rotation_deg"])) @ np.diag(augmentation["scale"])
+    inverse = np.linalg.inv(linear)
     transform = sitk.AffineTransform(3)
     transform.SetCenter([float(v) for v in mni_brain_centre()])
-    transform.SetMatrix([float(v) for v in np.linalg.inv(linear).ravel()])
-    transform.SetTranslation([float(v) for v in -np.linalg.inv(linear) @ np.asarray(augmentation["translation_mm"])])
+    transform.SetMatrix([float(v) for v in inverse.ravel()])
+    transform.SetTranslation([float(v) for v in -inverse @ np.asarray(augmentation["translation_mm"])])
     return transform
 
 
@@ -362,5 +363,5 @@ def generate_normal_cohort(out_dir, n: int, seed: int, progress: bool = True) ->
         paths.append(path)
         del image, labels
     write_json({"generator": "cradl.train.synthetic", "template": "MNI152 2009a (nilearn)",
-                        "seed": int(seed), "n": int(n), "scans": records}, out_dir / "cohort.json")
+                "seed": int(seed), "n": int(n), "scans": records}, out_dir / "cohort.json")
     return paths
