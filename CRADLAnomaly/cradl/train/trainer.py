@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import platform
 import time
@@ -86,10 +87,16 @@ def split_scans(n: int, config: TrainConfig) -> tuple[np.ndarray, np.ndarray, np
 
 def prepare_all(paths: list[Path], space: ReferenceSpace, config: TrainConfig, cache: Path | None,
                 progress: bool = True) -> list[PreparedScan]:
-    """Align and normalise every scan once; cached so a resumed run skips the registrations."""
+    """Align and normalise every scan once; cached so a resumed run skips the registrations.
+
+    The cache is used only for the same scans prepared the same way (reference grid, normalisation,
+    brain fraction); anything else is prepared afresh and replaces it.
+    """
+    resolved = [str(Path(p).resolve()) for p in paths]
+    recipe = _preparation_recipe(space, config)
     if cache is not None and cache.exists():
         data = np.load(cache, allow_pickle=False)
-        if list(data["paths"]) == [str(Path(p).resolve()) for p in paths]:
+        if list(data["paths"]) == resolved and "recipe" in data and str(data["recipe"]) == recipe:
             log.info("using cached preprocessed scans from %s", cache)
             return [PreparedScan(data[f"v{i}"].astype(np.float32), data[f"m{i}"], None, data[f"s{i}"])
                     for i in range(len(paths))]
@@ -102,13 +109,19 @@ def prepare_all(paths: list[Path], space: ReferenceSpace, config: TrainConfig, c
         prepared.append(PreparedScan(scan.volume.astype(np.float16).astype(np.float32), scan.mask, None,
                                      scan.slice_indices))
     if cache is not None:
-        arrays = {"paths": np.array([str(Path(p).resolve()) for p in paths])}
+        arrays = {"paths": np.array(resolved), "recipe": np.array(recipe)}
         for i, scan in enumerate(prepared):
             arrays.update({f"v{i}": scan.volume.astype(np.float16), f"m{i}": scan.mask, f"s{i}": scan.slice_indices})
         with atomic_path(cache) as tmp:
             with open(tmp, "wb") as handle:
                 np.savez(handle, **arrays)
     return prepared
+
+
+def _preparation_recipe(space: ReferenceSpace, config: TrainConfig) -> str:
+    """Everything that shapes a prepared scan, as the text a cache is keyed on."""
+    return json.dumps({"grid": space.grid.to_json(), "normalisation": config.normalisation, "min_brain_fraction": config.min_brain_fraction},
+                      sort_keys=True)
 
 
 def train_model(normal_dirs, out: str | Path, config: TrainConfig = TrainConfig(), device: str = "auto",

@@ -1,0 +1,34 @@
+"""Training internals that the command-line tests do not reach."""
+from __future__ import annotations
+
+import logging
+
+from cradl.space import ReferenceSpace
+from cradl.train.trainer import TrainConfig, find_scans, prepare_all
+
+
+def test_prepared_scan_cache_is_reused_only_for_the_same_preparation(normal_cohort, tmp_path, caplog):
+    scans = find_scans([normal_cohort])[:2]
+    cache = tmp_path / "model.prep.npz"
+    coarse = TrainConfig(slice_size=48, spacing_mm=4.0)
+    fine = TrainConfig(slice_size=64, spacing_mm=3.0)
+    coarse_space = ReferenceSpace.from_mni(coarse.slice_size, coarse.spacing_mm)
+    fine_space = ReferenceSpace.from_mni(fine.slice_size, fine.spacing_mm)
+
+    first = prepare_all(scans, coarse_space, coarse, cache, progress=False)
+    with caplog.at_level(logging.INFO, logger="cradl"):
+        again = prepare_all(scans, coarse_space, coarse, cache, progress=False)
+    assert "using cached preprocessed scans" in caplog.text
+    assert again[0].volume.shape == first[0].volume.shape
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="cradl"):
+        other_grid = prepare_all(scans, fine_space, fine, cache, progress=False)
+    assert "using cached" not in caplog.text
+    assert other_grid[0].volume.shape[1:] == (64, 64)
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="cradl"):
+        prepare_all(scans, fine_space, TrainConfig(**{**fine.__dict__, "min_brain_fraction": 0.3}), cache,
+                    progress=False)
+    assert "using cached" not in caplog.text
