@@ -1,7 +1,9 @@
 """The benchmark's small configuration end to end, and the `evaluate` / `benchmark` commands."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
 import math
 
@@ -17,8 +19,11 @@ def small_run(tiny_model, normal_cohort, tmp_path_factory):
     out = tmp_path_factory.mktemp("benchmark")
     config = dataclasses.replace(CONFIGS["small"], n_boot=20, variant_heatmaps=False,
                                  vae=dict(CONFIGS["small"].vae, epochs=1))
-    results = run_benchmark(config, out, model=tiny_model, normals=normal_cohort, device="cpu", progress=False,
-                            command="pytest")
+    console = io.StringIO()
+    with contextlib.redirect_stderr(console):
+        results = run_benchmark(config, out, model=tiny_model, normals=normal_cohort, device="cpu", progress=False,
+                                command="pytest")
+    out.joinpath("console.txt").write_text(console.getvalue())
     return out, results
 
 
@@ -62,6 +67,12 @@ def test_small_benchmark_writes_every_method_and_metric(small_run):
         if case["type"] != "normal":
             assert case["lesion_voxels"] > 0 and case["anomalous_slices"] > 0
     assert on_disk["meta"]["timings_s"]["evaluate"] > 0
+
+
+def test_a_quiet_benchmark_shows_no_progress_bars(small_run):
+    out, _ = small_run
+    console = (out / "console.txt").read_text()
+    assert "it/s" not in console and "calibrating" not in console and "epoch" not in console.lower()
 
 
 def test_evaluate_command(small_run, tiny_model, tmp_path, capsys):

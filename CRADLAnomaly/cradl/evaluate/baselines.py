@@ -59,6 +59,7 @@ class Cohort:
     val: np.ndarray
     cal: np.ndarray
     contrasts: list[str | None]
+    progress: bool = True  # progress bars while methods are fitted and calibrated on this cohort
 
     def pick(self, idx) -> list[PreparedScan]:
         return [self.scans[i] for i in idx]
@@ -83,7 +84,7 @@ def load_cohort(detector: AnomalyDetector, normal_dirs=None, cache: Path | None 
     contrasts = _cohort_contrasts(paths)
     log.info("normal cohort: %d scans (%d train, %d validation, %d calibration)", len(paths), len(train),
              len(val), len(cal))
-    return Cohort(config, paths, scans, train, val, cal, contrasts)
+    return Cohort(config, paths, scans, train, val, cal, contrasts, progress)
 
 
 def _cohort_contrasts(paths: list[Path]) -> list[str | None]:
@@ -185,7 +186,7 @@ def cradl_variant(base: AnomalyDetector, name: str, features: nn.Module, gmm: Ga
     features = features.to(base.device).eval()
     gmm = gmm.to(base.device).eval()
     calibration = _calibrate(features, gmm, cohort.pick(cohort.val), cohort.pick(cohort.cal), cohort.config,
-                             base.device)
+                             base.device, cohort.progress)
     manifest = dict(base.bundle.manifest, calibration=calibration, name=f"{base.bundle.name}:{name}")
     bundle = ModelBundle(manifest, features, gmm, base.bundle.template, base.bundle.template_mask, base.bundle.path)
     return CradlMethod(name, AnomalyDetector(bundle, device=base.device, batch_size=base.batch_size), info)
@@ -252,7 +253,7 @@ def projection_head_variants(base: AnomalyDetector, cohort: Cohort, checkpoint: 
         encoder = SliceEncoder(config.width, config.feature_dim).to(base.device)
         head = ProjectionHead(config.feature_dim, config.projection_dim).to(base.device)
         t = time.perf_counter()
-        _simclr(encoder, head, cohort.slices(cohort.train), short, base.device, None)
+        _simclr(encoder, head, cohort.slices(cohort.train), short, base.device, None, cohort.progress)
         encoder.eval(), head.eval()
         for p in list(encoder.parameters()) + list(head.parameters()):
             p.requires_grad_(False)
