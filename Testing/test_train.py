@@ -1,6 +1,7 @@
 """Training internals that the command-line tests do not reach."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 from cradl.space import ReferenceSpace
@@ -29,6 +30,5 @@ def test_prepared_scan_cache_is_reused_only_for_the_same_preparation(normal_coho
 
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="cradl"):
-        prepare_all(scans, fine_space, TrainConfig(**{**fine.__dict__, "min_brain_fraction": 0.3}), cache,
-                    progress=False)
+        prepare_all(scans, fine_space, dataclasses.replace(fine, min_brain_fraction=0.3), cache, progress=False)
     assert "using cached" not in caplog.text

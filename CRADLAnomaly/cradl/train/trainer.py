@@ -120,8 +120,8 @@ def prepare_all(paths: list[Path], space: ReferenceSpace, config: TrainConfig, c
 
 def _preparation_recipe(space: ReferenceSpace, config: TrainConfig) -> str:
     """Everything that shapes a prepared scan, as the text a cache is keyed on."""
-    return json.dumps({"grid": space.grid.to_json(), "normalisation": config.normalisation, "min_brain_fraction": config.min_brain_fraction},
-                      sort_keys=True)
+    return json.dumps({"grid": space.grid.to_json(), "normalisation": config.normalisation,
+                       "min_brain_fraction": config.min_brain_fraction}, sort_keys=True)
 
 
 def train_model(normal_dirs, out: str | Path, config: TrainConfig = TrainConfig(), device: str = "auto",
