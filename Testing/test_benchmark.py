@@ -7,7 +7,9 @@ import io
 import json
 import math
 
+import numpy as np
 import pytest
+import SimpleITK as sitk
 
 from cradl.cli import main
 from cradl.evaluate.benchmark import CONFIGS, markdown_tables, run_benchmark
@@ -113,3 +115,17 @@ def test_commands_refuse_bad_input(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:  # argparse: one usage line, status 2
         main(["benchmark", "--config", "huge", "--out-dir", str(tmp_path)])
     assert exit_info.value.code == 2
+
+
+def test_evaluate_names_the_case_it_cannot_score_and_writes_nothing(tiny_model, tmp_path, capsys):
+    noise = sitk.GetImageFromArray(np.random.default_rng(0).random((40, 40, 40)).astype(np.float32))
+    noise.SetSpacing((4.0, 4.0, 4.0))
+    sitk.WriteImage(noise, str(tmp_path / "case_000.nii.gz"))
+    (tmp_path / "manifest.json").write_text(json.dumps({"cases": [
+        {"id": "case_000", "image": "case_000.nii.gz", "mask": None, "type": "normal", "size_mm": None}]}))
+    report = tmp_path / "out.json"
+    assert main(["evaluate", "--model", str(tiny_model), "--data", str(tmp_path), "--out", str(report),
+                 "--device", "cpu", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "case case_000 (case_000.nii.gz)" in err and "does not resemble a brain" in err
+    assert not report.exists()

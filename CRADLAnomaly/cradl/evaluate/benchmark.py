@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from ..errors import CradlError, InputError
 from ..io import read_image, write_json
 from ..regions import find_regions
 from .metrics import CaseScores, dice, full_report, region_outcome, score_histograms
@@ -130,7 +131,6 @@ def evaluate_cases(detector, data_dir, methods=(), variant_heatmaps: bool = True
     data_dir = Path(data_dir)
     manifest_path = data_dir / "manifest.json"
     if not manifest_path.is_file():
-        from ..errors import InputError
         raise InputError(f"{data_dir} holds no manifest.json (write one with `python -m cradl synth-anomalies`)")
     cases = json.loads(manifest_path.read_text())["cases"]
     for i, case in enumerate(cases):
@@ -147,15 +147,18 @@ def evaluate_cases(detector, data_dir, methods=(), variant_heatmaps: bool = True
         from tqdm import tqdm
         iterator = tqdm(cases, desc="evaluating cases", unit="case")
     for case in iterator:
-        image = read_image(data_dir / case["image"])
+        try:
+            image = read_image(data_dir / case["image"])
+            t = time.perf_counter()
+            result, prepared = capture.detect(image)
+            detect_seconds = time.perf_counter() - t
+        except CradlError as exc:  # one refused case stops the run: metrics over a silent subset would mislead
+            raise type(exc)(f"case {case['id']} ({case['image']}): {exc}") from None
         if case.get("mask"):
             lesion = sitk.GetArrayFromImage(sitk.ReadImage(str(data_dir / case["mask"]))) > 0
             mask_image = sitk.ReadImage(str(data_dir / case["mask"]), sitk.sitkFloat32)
         else:
             lesion, mask_image = np.zeros(image.GetSize()[::-1], bool), None
-        t = time.perf_counter()
-        result, prepared = capture.detect(image)
-        detect_seconds = time.perf_counter() - t
         brain, brain_source = _brain_on_input(case, image, detector, prepared)
         roi = brain | lesion
         idx = prepared.slice_indices
