@@ -7,7 +7,9 @@ import pytest
 import SimpleITK as sitk
 
 from cradl import AnomalyDetector, DetectionCancelled, InputError
+from cradl.evaluate.anomalies import insert_anomaly
 from cradl.io import read_image
+from cradl.train.synthetic import CONTRASTS, make_normal_scan, scan_rng
 
 
 @pytest.fixture(scope="module")
@@ -132,12 +134,9 @@ def test_load_refuses_an_unknown_device(tiny_model):
 
 
 def test_accepts_a_faint_flair_brain_with_a_large_tumour():
-    """A generated FLAIR brain with weak grey/white contrast and a 35 mm tumour (seeds from a benchmark run):
-    the brain check once read the whole brain mask, where its outline and the lesion left 18% explained,
-    and refused it; it reads the brain's core now (see preprocess.MIN_TEMPLATE_EXPLAINED)."""
-    from cradl.evaluate.anomalies import insert_anomaly
-    from cradl.train.synthetic import CONTRASTS, make_normal_scan, scan_rng
-
+    """The generated FLAIR brain that matched the template least of 130 normals, with a 35 mm tumour (seeds
+    from a benchmark run): the brain check once read the whole brain mask, where 18% was explained, and
+    refused it; it reads the brain's core now (see preprocess.MIN_TEMPLATE_EXPLAINED)."""
     cycle = [CONTRASTS[k] for k in np.random.default_rng([77, 2**31]).permutation(len(CONTRASTS))]
     normal, labels = make_normal_scan(scan_rng(77, 23), cycle[23 % len(cycle)])
     abnormal, _ = insert_anomaly(normal, labels, "tumour", 35.0, np.random.default_rng([78, 50]), "flair")
