@@ -1,6 +1,7 @@
 """Training a CRADL model on normal scans: SimCLR encoder, Gaussian mixture, calibration, bundle."""
 from __future__ import annotations
 
+import copy
 import datetime
 import json
 import logging
@@ -16,7 +17,7 @@ from sklearn.mixture import GaussianMixture
 from tqdm import tqdm
 
 from .. import __version__
-from ..bundle import save_bundle
+from ..bundle import load_bundle, save_bundle
 from ..calibration import DEFAULT_AGGREGATE, aggregate, fit_slice_statistics
 from ..detector import resolve_device
 from ..encoder import ProjectionHead, SliceEncoder
@@ -309,10 +310,6 @@ def recalibrate_model(model: str | Path | None, normal_dirs, out: str | Path, lo
     statistics, one for the volume-score percentiles, and both for the heatmap scale and threshold
     (as in training; `false_alarm_quantile` defaults to the model's recipe).
     """
-    import copy
-
-    from ..bundle import load_bundle
-
     bundle = load_bundle(model)
     paths = find_scans(normal_dirs)
     if len(paths) < 4:
