@@ -13,5 +13,9 @@ class ModelError(CradlError):
     """The model bundle is missing, truncated, tampered with, foreign or of an unknown format."""
 
 
+class OutputError(CradlError):
+    """An output cannot be written: it would replace an input, the disk is full, permission denied..."""
+
+
 class DetectionCancelled(CradlError):
     """The caller's cancel() returned True; nothing was written."""
