@@ -2,6 +2,7 @@
 nodes, segmentation, re-run replacement, saving. No model needed: results are fed as plain data."""
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
@@ -289,7 +290,7 @@ def test_slice_score_plot_and_region_table(rs):
     assert np.allclose(review.tableColumn(table, "z"), 0.5 * np.arange(6))
     assert review.sliceCentre(table, 4) == (4.0, 2.0, 1.0)
     chart = res.chartNode
-    assert chart.GetNumberOfPlotSeriesNodes() == 1
+    assert chart.GetNumberOfPlotSeriesNodes() == 2  # the scores and the normal-limit line
     series = chart.GetNthPlotSeriesNode(0)
     assert series.GetTableNode() is table
     assert series.GetXColumnName() == "Slice" and series.GetYColumnName() == "z"
@@ -315,6 +316,124 @@ def test_slice_score_plot_and_region_table(rs):
     report = pipeline.reportOf(scene, node)
     assert report["volume_percentile"] == 97.5 and report["threshold"] == 0.5
     assert report["input"]["size"] == [28, 24, 20]
+
+
+def test_region_table_rows_are_regions_and_its_header_is_not_a_row(rs):
+    """Slicer's table view shows a table node's column names as row 0 unless the node says they
+    are the header: then selecting row i would jump to region i + 1."""
+    scene = rs.scene
+    node = addVolume(scene, blobVolume())
+    image = geometry.imageFromVolumeNode(node)
+    res = pipeline.applyResult(scene, node, fakeResult(image), image)
+    for table in (res.regionTableNode, res.sliceTableNode):
+        assert table.GetUseColumnTitleAsColumnHeader()
+    assert res.regionTableNode.GetNumberOfRows() == len(res.report["regions"]) == 2
+    assert list(review.tableColumn(res.regionTableNode, "Rank")) == [1, 2]
+
+
+def test_slice_plot_normal_limit_line_is_two_sd_above_normal_scans(rs):
+    """The dashed line needs nothing the core does not write: z-scores are in SD above normal
+    scans at the same slice position, and the line sits at 2 SD."""
+    scene = rs.scene
+    node = addVolume(scene, blobVolume())
+    image = geometry.imageFromVolumeNode(node)
+    res = pipeline.applyResult(scene, node, fakeResult(image), image)
+    line = res.chartNode.GetNthPlotSeriesNode(1)
+    assert line is nodes.findResultNode(scene, node, nodes.SLICE_THRESHOLD_SERIES)
+    assert line.GetYColumnName() == review.NORMAL_LIMIT_COLUMN
+    assert np.allclose(review.tableColumn(res.sliceTableNode, review.NORMAL_LIMIT_COLUMN), review.NORMAL_Z_LIMIT)
+    assert line.GetLineStyle() == slicer.vtkMRMLPlotSeriesNode.LineStyleDash
+
+    raw = fakeResult(image)  # a model without per-position statistics: raw scores, no line
+    for s in raw.slice_scores:
+        s.z = None
+    res = pipeline.applyResult(scene, node, raw, image)
+    assert res.chartNode.GetNumberOfPlotSeriesNodes() == 1
+    assert res.chartNode.GetNthPlotSeriesNode(0).GetYColumnName() == "Score"
+    assert nodes.findResultNode(scene, node, nodes.SLICE_THRESHOLD_SERIES) is None
+
+
+def _plotSelection(pairs):
+    """What qMRMLPlotView's dataSelected(vtkStringArray*, vtkCollection*) passes: series IDs and,
+    per series, the selected point indices."""
+    ids, selections = vtk.vtkStringArray(), vtk.vtkCollection()
+    for seriesId, points in pairs:
+        ids.InsertNextValue(seriesId)
+        array = vtk.vtkIdTypeArray()
+        for p in points:
+            array.InsertNextValue(p)
+        selections.AddItem(array)
+    return ids, selections
+
+
+def test_plot_click_jumps_only_for_this_inputs_score_series(rs):
+    scene = rs.scene
+    node = addVolume(scene, blobVolume(), name="A")
+    other = addVolume(scene, blobVolume(), name="B")
+    image = geometry.imageFromVolumeNode(node)
+    res = pipeline.applyResult(scene, node, fakeResult(image), image)
+    otherRes = pipeline.applyResult(scene, other, fakeResult(image), image)
+    scores = nodes.findResultNode(scene, node, nodes.SLICE_SERIES).GetID()
+    limit = nodes.findResultNode(scene, node, nodes.SLICE_THRESHOLD_SERIES).GetID()
+    otherScores = otherRes.chartNode.GetNthPlotSeriesNode(0).GetID()
+
+    assert review.sliceRowFromPlotSelection(scene, node, *_plotSelection([(scores, [4])])) == 4
+    assert review.sliceRowFromPlotSelection(scene, node, *_plotSelection([(limit, [2]), (scores, [3])])) == 3
+    assert review.sliceRowFromPlotSelection(scene, node, *_plotSelection([(limit, [2])])) is None
+    assert review.sliceRowFromPlotSelection(scene, node, *_plotSelection([(otherScores, [1])])) is None
+    assert review.sliceRowFromPlotSelection(scene, node, *_plotSelection([(scores, [])])) is None
+    assert review.sliceCentre(res.sliceTableNode, 4) == (4.0, 2.0, 1.0)
+
+
+def test_detections_do_not_leak_references_to_nodes(rs):
+    """GetNodesByClass returns a collection its caller owns; left unreleased it holds every node for
+    ever (measured before the fix: an input's reference count went from 3 to 43 in two runs)."""
+    scene = rs.scene
+    node = addVolume(scene, blobVolume())
+    image = geometry.imageFromVolumeNode(node)
+
+    def reviewOnce(seed):
+        """A detection and what a reviewer does next; returns the input's reference count."""
+        res = pipeline.applyResult(scene, node, fakeResult(image, seed=seed), image)
+        lib.createSegmentation(scene, node, res.heatmapNode, 0.5)
+        review.jumpSlicesToRAS(scene, (0.0, 0.0, 0.0))
+        display.setOverlayOpacity(scene, 0.3)
+        nodes.findResultNodes(scene, node)
+        lib.getOrCreateHeatColorNode(scene)
+        gc.collect()
+        return node.GetReferenceCount()
+
+    # The result nodes reference their input (node references hold it), so the count after one
+    # run is what it is; it must not grow with every run.
+    counts = [reviewOnce(seed) for seed in range(4)]
+    assert counts == [counts[0]] * 4, counts
+    volumes = nodes.nodesByClass(scene, "vtkMRMLScalarVolumeNode")
+    before = [v.GetReferenceCount() for v in volumes]
+    for _ in range(5):
+        nodes.nodesByClass(scene, "vtkMRMLScalarVolumeNode")
+    gc.collect()
+    assert [v.GetReferenceCount() for v in volumes] == before
+
+
+def test_cradl_results_are_not_inputs(rs):
+    scene = rs.scene
+    node = addVolume(scene, blobVolume())
+    image = geometry.imageFromVolumeNode(node)
+    res = pipeline.applyResult(scene, node, fakeResult(image), image)
+    assert nodes.resultNodeIDs(scene, "vtkMRMLScalarVolumeNode") == [res.heatmapNode.GetID()]
+    assert not nodes.isResultNode(node)
+    with pytest.raises(BridgeError, match="CRADL result"):
+        pipeline.inputImages(scene, res.heatmapNode)
+
+
+def test_summary_shows_the_cores_warnings_when_present():
+    base = {"volume_score": 1.0, "volume_percentile": 40.0, "regions": []}
+    assert "Warning" not in review.summarize(base)
+    text = review.summarize({**base, "warnings": ["The scan does not look like a brain MRI the model knows."]})
+    assert "Warning: The scan does not look like a brain MRI" in text
+    text = review.summarize({**base, "ood": {"flagged": True, "message": "Unusual contrast."}})
+    assert "Warning: Unusual contrast." in text
+    assert "Warning" not in review.summarize({**base, "ood": {"flagged": False, "message": "fine"}})
 
 
 def test_summary_words():

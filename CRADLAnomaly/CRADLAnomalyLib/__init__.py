@@ -10,10 +10,14 @@ from .geometry import (imageFromVolumeNode, updateVolumeNodeFromImage, ijkToRasA
 from .colors import getOrCreateHeatColorNode, heatRGBA, legendImage, COLOR_TABLE_NAME
 from .display import (setupHeatmapDisplay, showOverlay, setOverlayOpacity, setHeatmapThreshold,
                       heatmapThreshold, heatmapDisplayMax, calibratedThreshold, addColorLegend, DEFAULT_OPACITY)
-from .nodes import findResultNode, findResultNodes, removeResultNodes
+from .nodes import findResultNode, findResultNodes, removeResultNodes, nodesByClass, isResultNode, resultNodeIDs
 from . import nodes
 from .review import (fillSliceScoreTable, fillRegionTable, setupSliceScorePlot, jumpSlicesToRAS, sliceCentre,
-                     regionCentre, nextRegionRow, summarize, percentileWords)
+                     regionCentre, nextRegionRow, summarize, percentileWords, sliceRowFromPlotSelection,
+                     NORMAL_Z_LIMIT)
 from .segmentation import createSegmentation, rankedRegionLabels
 from .saving import saveFileResults, safeBaseName
-from .pipeline import SceneResult, applyResult, detectVolumeNode, processFiles, reportOf, saveSceneResults
+from .pipeline import (SceneResult, SceneDetection, applyResult, detectVolumeNode, inputImages, processFiles,
+                       reportOf, saveSceneResults)
+from .worker import DetectionJob, ModelInfoJob, WorkerError, RUNNING, DONE, FAILED, CANCELLED
+from . import dependencies

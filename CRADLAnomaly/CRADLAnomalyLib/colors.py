@@ -44,9 +44,9 @@ def getOrCreateHeatColorNode(scene):
     """The scene's heat colour table node (created once, reused by every heatmap)."""
     import slicer
 
-    nodes = scene.GetNodesByClass("vtkMRMLColorTableNode")
-    for i in range(nodes.GetNumberOfItems()):
-        node = nodes.GetItemAsObject(i)
+    from .nodes import nodesByClass
+
+    for node in nodesByClass(scene, "vtkMRMLColorTableNode"):
         if node.GetAttribute(COLOR_TABLE_ATTRIBUTE) == "heat":
             return node
     node = slicer.vtkMRMLColorTableNode()

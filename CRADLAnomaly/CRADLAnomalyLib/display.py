@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from .colors import getOrCreateHeatColorNode
+from .nodes import nodesByClass
 
 DEFAULT_OPACITY = 0.6
 ATTR_DISPLAY_MAX = "CRADL.DisplayMax"
@@ -74,8 +75,7 @@ def heatmapThreshold(heatmapNode) -> float:
 
 
 def sliceCompositeNodes(scene) -> list:
-    collection = scene.GetNodesByClass("vtkMRMLSliceCompositeNode")
-    return [collection.GetItemAsObject(i) for i in range(collection.GetNumberOfItems())]
+    return nodesByClass(scene, "vtkMRMLSliceCompositeNode")
 
 
 def showOverlay(scene, backgroundNode, heatmapNode, opacity: float = DEFAULT_OPACITY):

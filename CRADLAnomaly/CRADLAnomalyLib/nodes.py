@@ -56,9 +56,26 @@ def temporaryNodes(scene):
             scene.RemoveNode(node)
 
 
-def _nodesByClass(scene, className):
+def nodesByClass(scene, className) -> list:
+    """The scene's nodes of ``className`` as a list.
+
+    ``vtkMRMLScene.GetNodesByClass`` returns a new collection that the caller owns: unless it is
+    released, it keeps a reference to every node in it for ever (a deleted volume stays in memory).
+    ``slicer.util.getNodesByClass`` releases it but reads ``slicer.mrmlScene`` whatever scene it is
+    given, so the bridge, which takes its scene explicitly, does the same release here."""
     collection = scene.GetNodesByClass(className)
+    collection.UnRegister(None)  # the Python wrapper now holds the only reference
     return [collection.GetItemAsObject(i) for i in range(collection.GetNumberOfItems())]
+
+
+def isResultNode(node) -> bool:
+    """True for any node CRADL made (heatmap, tables, report, ...): never an input for detection."""
+    return node is not None and bool(node.GetAttribute(ATTR_ROLE))
+
+
+def resultNodeIDs(scene, className: str = "vtkMRMLNode") -> list:
+    """IDs of every CRADL result node of ``className`` (e.g. to hide them from an input selector)."""
+    return [node.GetID() for node in nodesByClass(scene, className) if isResultNode(node)]
 
 
 def inputOf(node):
@@ -72,7 +89,7 @@ def inputOf(node):
 
 def findResultNodes(scene, inputNode, role: str | None = None) -> list:
     found = []
-    for node in _nodesByClass(scene, "vtkMRMLNode"):
+    for node in nodesByClass(scene, "vtkMRMLNode"):
         nodeRole = node.GetAttribute(ATTR_ROLE)
         if not nodeRole or (role is not None and nodeRole != role):
             continue

@@ -71,7 +71,7 @@ def applyResult(scene, inputNode, result, inputImage=None, show: bool = True,
 
         sliceTable = N.getOrCreateResultNode(scene, inputNode, N.SLICE_TABLE, "vtkMRMLTableNode", created)
         R.fillSliceScoreTable(sliceTable, result.slice_scores)
-        chart = R.setupSliceScorePlot(scene, inputNode, sliceTable, report.get("slice_score_limit"), created)
+        chart = R.setupSliceScorePlot(scene, inputNode, sliceTable, R.sliceReferenceLevel(sliceTable), created)
 
         regionTable = N.getOrCreateResultNode(scene, inputNode, N.REGION_TABLE, "vtkMRMLTableNode", created)
         R.fillRegionTable(regionTable, result.regions)
@@ -90,19 +90,65 @@ def applyResult(scene, inputNode, result, inputImage=None, show: bool = True,
     return SceneResult(inputNode, heatmapNode, reportNode, sliceTable, chart, regionTable, report)
 
 
-def detectVolumeNode(scene, detector, inputNode, maskNode=None, progress=None, cancel=None,
-                     show: bool = True, opacity: float = D.DEFAULT_OPACITY) -> SceneResult:
-    """Run the core on a volume node and show the result. The input node is never modified."""
+def inputImages(scene, inputNode, maskNode=None):
+    """The input volume (and optional brain mask) as SimpleITK images on the input's world grid,
+    after checking the input is a scan. Reads the scene: call it on the main thread."""
     if inputNode is None or not inputNode.IsA("vtkMRMLScalarVolumeNode"):
         raise BridgeError("Select a scalar MRI volume as input.")
     if inputNode.IsA("vtkMRMLLabelMapVolumeNode"):
         raise BridgeError(f'"{inputNode.GetName()}" is a label map, not an MRI scan.')
+    if N.isResultNode(inputNode):
+        raise BridgeError(f'"{inputNode.GetName()}" is a CRADL result, not an MRI scan: select the scan itself.')
     image = imageFromVolumeNode(inputNode)
     mask = maskImageFromNode(maskNode, inputNode, scene) if maskNode is not None else None
+    return image, mask
+
+
+def detectVolumeNode(scene, detector, inputNode, maskNode=None, progress=None, cancel=None,
+                     show: bool = True, opacity: float = D.DEFAULT_OPACITY) -> SceneResult:
+    """Run the core on a volume node and show the result, all in this thread (console and batch
+    use; the panel runs the core in a worker process, see ``worker``). The input is never modified."""
+    image, mask = inputImages(scene, inputNode, maskNode)
     start = time.time()
     result = detector.detect(image, mask=mask, heatmap=True, progress=progress, cancel=cancel)
     logging.info("CRADL: detection on %s took %.1f s", inputNode.GetName(), time.time() - start)
     return applyResult(scene, inputNode, result, image, show=show, opacity=opacity)
+
+
+class SceneDetection:
+    """A detection the panel runs in a worker process: started on the main thread (the scene is
+    read there), polled from a timer, finished on the main thread (the scene is written there)."""
+
+    def __init__(self, scene, inputNode, maskNode=None, modelPath=None, device: str = "auto", python=None):
+        from .worker import DetectionJob
+
+        self.scene = scene
+        self.inputNodeID = inputNode.GetID() if inputNode is not None else None
+        self.inputImage, mask = inputImages(scene, inputNode, maskNode)
+        self.job = DetectionJob(self.inputImage, mask, modelPath=modelPath, device=device, python=python)
+
+    def poll(self) -> str:
+        return self.job.poll()
+
+    @property
+    def fraction(self) -> float:
+        return self.job.fraction
+
+    @property
+    def message(self) -> str:
+        return self.job.message
+
+    def cancel(self) -> None:
+        self.job.cancel()
+
+    def finish(self, show: bool = True, opacity: float = D.DEFAULT_OPACITY) -> SceneResult:
+        """Build this input's result nodes from the worker's output. Raises WorkerError if the worker
+        failed or was cancelled, BridgeError if the input left the scene meanwhile."""
+        result = self.job.result()
+        inputNode = self.scene.GetNodeByID(self.inputNodeID) if self.inputNodeID else None
+        if inputNode is None:
+            raise BridgeError("The input volume was removed from the scene during detection.")
+        return applyResult(self.scene, inputNode, result, self.inputImage, show=show, opacity=opacity)
 
 
 def reportOf(scene, inputNode) -> dict | None:

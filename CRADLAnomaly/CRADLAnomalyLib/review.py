@@ -47,6 +47,9 @@ def _fillTable(tableNode, columns: dict, types: dict, units: dict | None = None,
         if descriptions and name in descriptions:
             tableNode.SetColumnDescription(name, descriptions[name])
     tableNode.SetLocked(True)
+    # A new table node shows its column names as a first data row unless told otherwise; the
+    # region table's row i must be region i + 1 for selection and jumping to agree.
+    tableNode.SetUseColumnTitleAsColumnHeader(True)
     table.Modified()
     tableNode.Modified()
     tableNode.EndModify(wasModifying)
@@ -94,9 +97,22 @@ def fillRegionTable(tableNode, regions):
     }, {"Rank": "int", "Voxels": "int"}, units=_REGION_UNITS, descriptions=_REGION_DESCRIPTIONS)
 
 
+# The dashed reference line of the slice-score plot. The plot shows each slice's score standardised
+# against normal calibration scans at the same slice position (z, in SD); 2 SD above their mean is
+# where a normal slice rarely reaches (about 1 in 40 if normal scores were Gaussian). Raw scores
+# (a model without per-position statistics) have no such scale, so they get no line.
+NORMAL_Z_LIMIT = 2.0
+NORMAL_LIMIT_COLUMN = "Normal limit"
+
+
+def sliceReferenceLevel(tableNode) -> float | None:
+    """The level of the plot's normal-limit line for this slice table, or None for no line."""
+    return NORMAL_Z_LIMIT if plottedColumn(tableNode) == "z" else None
+
+
 def setupSliceScorePlot(scene, inputNode, tableNode, referenceScore: float | None = None, created=None):
     """Plot series (score against slice) and chart; with ``referenceScore`` a dashed line marks it
-    (e.g. the highest slice score seen on normal calibration scans). Returns the chart node."""
+    (``sliceReferenceLevel``: 2 SD above normal scans when z-scores are plotted). Returns the chart node."""
     import slicer
 
     series = N.getOrCreateResultNode(scene, inputNode, N.SLICE_SERIES, "vtkMRMLPlotSeriesNode", created)
@@ -117,16 +133,16 @@ def setupSliceScorePlot(scene, inputNode, tableNode, referenceScore: float | Non
     if referenceScore is not None:
         referenceTable = tableNode  # add a constant column next to the scores
         column = vtk.vtkDoubleArray()
-        column.SetName("Normal limit")
+        column.SetName(NORMAL_LIMIT_COLUMN)
         column.SetNumberOfValues(tableNode.GetTable().GetNumberOfRows())
         column.Fill(float(referenceScore))
         tableNode.GetTable().AddColumn(column)
-        tableNode.SetColumnType("Normal limit", vtk.VTK_DOUBLE)
+        tableNode.SetColumnType(NORMAL_LIMIT_COLUMN, vtk.VTK_DOUBLE)
         referenceSeries = N.getOrCreateResultNode(scene, inputNode, N.SLICE_THRESHOLD_SERIES,
                                                   "vtkMRMLPlotSeriesNode", created)
         referenceSeries.SetAndObserveTableNodeID(referenceTable.GetID())
         referenceSeries.SetXColumnName("Slice")
-        referenceSeries.SetYColumnName("Normal limit")
+        referenceSeries.SetYColumnName(NORMAL_LIMIT_COLUMN)
         referenceSeries.SetPlotType(slicer.vtkMRMLPlotSeriesNode.PlotTypeLine)
         referenceSeries.SetLineStyle(slicer.vtkMRMLPlotSeriesNode.LineStyleDash)
         referenceSeries.SetMarkerStyle(slicer.vtkMRMLPlotSeriesNode.MarkerStyleNone)
@@ -144,6 +160,24 @@ def setupSliceScorePlot(scene, inputNode, tableNode, referenceScore: float | Non
 def sliceCentre(tableNode, row: int) -> tuple[float, float, float]:
     """RAS centre of the slice in ``row`` of the slice-score table (for click-to-jump)."""
     return tuple(float(tableColumn(tableNode, c)[row]) for c in ("R", "A", "S"))
+
+
+def sliceRowFromPlotSelection(scene, inputNode, seriesIds, selections) -> int | None:
+    """Row of the slice-score table a click in a plot view selected, or None.
+
+    ``seriesIds`` (vtkStringArray) and ``selections`` (vtkCollection of vtkIdTypeArray, one per
+    series) are what qMRMLPlotView's ``dataSelected`` signal passes. Only a point of this input's
+    slice-score series counts: a click on the normal-limit line or in another chart is ignored."""
+    series = N.findResultNode(scene, inputNode, N.SLICE_SERIES)
+    if series is None or seriesIds is None or selections is None:
+        return None
+    for i in range(min(seriesIds.GetNumberOfValues(), selections.GetNumberOfItems())):
+        if seriesIds.GetValue(i) != series.GetID():
+            continue
+        selection = selections.GetItemAsObject(i)
+        if selection is not None and selection.GetNumberOfTuples() > 0:
+            return int(selection.GetValue(0))
+    return None
 
 
 def regionCentre(tableNode, row: int) -> tuple[float, float, float]:
@@ -164,14 +198,13 @@ def jumpSlicesToRAS(scene, ras, centered: bool = True):
     """Move every slice view to ``ras`` (world RAS mm); centred views keep it in the middle."""
     import slicer
 
-    collection = scene.GetNodesByClass("vtkMRMLSliceNode")
-    for i in range(collection.GetNumberOfItems()):
-        sliceNode = collection.GetItemAsObject(i)
+    sliceNodes = N.nodesByClass(scene, "vtkMRMLSliceNode")
+    for sliceNode in sliceNodes:
         if centered:
             sliceNode.JumpSliceByCentering(*[float(v) for v in ras])
         else:
             sliceNode.JumpSliceByOffsetting(*[float(v) for v in ras])
-    return collection.GetNumberOfItems()
+    return len(sliceNodes)
 
 
 # --- words a radiologist understands -------------------------------------------------------------
@@ -203,5 +236,21 @@ def summarize(report: dict) -> str:
         lines.append(f"{len(regions)} {plural} the anomaly threshold ({_fmt_volume(total)} in total); "
                      f"the strongest, {_fmt_volume(float(_get(top, 'volume_mm3', 0.0)))}, is centred at "
                      f"R {c[0]:.0f}, A {c[1]:.0f}, S {c[2]:.0f} mm.")
+    for warning in _reportWarnings(report):
+        lines.append(f"Warning: {warning}")
     lines.append("Research tool: it flags what differs from the normal scans it learned, not a diagnosis.")
     return " ".join(lines)
+
+
+def _reportWarnings(report: dict) -> list:
+    """Warnings the core may add to its report (a ``warnings`` list, an ``ood`` entry), read
+    defensively: older reports have neither."""
+    warnings = [str(w) for w in (report.get("warnings") or []) if w]
+    ood = report.get("ood")
+    if isinstance(ood, dict):
+        message = ood.get("message") or ood.get("warning")
+        if message and (ood.get("flagged", ood.get("is_ood", True))) and str(message) not in warnings:
+            warnings.append(str(message))
+    elif isinstance(ood, str) and ood and ood not in warnings:
+        warnings.append(ood)
+    return warnings
