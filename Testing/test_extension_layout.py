@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ast
+import sys
 import fnmatch
 import re
 import xml.etree.ElementTree as ET
@@ -159,3 +160,93 @@ def test_scene_bridge_has_no_qt_and_no_application_globals():
 def test_bridge_modules_are_listed_explicitly(rel):
     _, _, scripts, _, _ = _module_lists()
     assert rel in scripts
+
+
+# ------------------------------------------------------------------------------------------ supported Slicer
+SLICER_PYTHON = {"5.8": (3, 9), "5.10": (3, 12)}  # Slicer_REQUIRED_PYTHON_VERSION at v5.8.1 and v5.10.0
+
+
+def _shipped_python_files():
+    return [p for p in MODULE.rglob("*.py") if "egg-info" not in str(p) and "__pycache__" not in str(p)]
+
+
+@pytest.mark.parametrize("version", sorted(SLICER_PYTHON))
+def test_module_bridge_and_core_parse_on_each_supported_slicers_python(version):
+    for path in _shipped_python_files():
+        ast.parse(path.read_text(), filename=str(path), feature_version=SLICER_PYTHON[version])
+
+
+def test_new_style_annotations_are_never_evaluated_on_python_3_9():
+    """``X | None`` in an annotation is a TypeError on Python 3.9 unless annotations stay strings."""
+    for path in _shipped_python_files():
+        tree = ast.parse(path.read_text())
+        future = any(isinstance(n, ast.ImportFrom) and n.module == "__future__" and
+                     any(a.name == "annotations" for a in n.names) for n in tree.body)
+        for node in ast.walk(tree):
+            annotations = []
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                annotations = [a.annotation for a in node.args.args + node.args.kwonlyargs if a.annotation] + \
+                              ([node.returns] if node.returns else [])
+            elif isinstance(node, ast.AnnAssign):
+                annotations = [node.annotation]
+            for annotation in annotations:
+                if any(isinstance(n, ast.BinOp) and isinstance(n.op, ast.BitOr) for n in ast.walk(annotation)):
+                    assert future, f"{path.relative_to(ROOT)}:{node.lineno} needs 'from __future__ import annotations'"
+    # The parameter node's annotations are evaluated (typing.get_type_hints): no | there at all.
+    source = (MODULE / "CRADLAnomaly.py").read_text()
+    assert "from __future__ import annotations" not in source
+
+
+def test_core_needs_stay_within_what_the_oldest_supported_slicer_ships():
+    sys.path.insert(0, str(MODULE))
+    from CRADLAnomalyLib import dependencies as D
+
+    def v(text):
+        return tuple(int(p) for p in text.split(".")[:2])
+
+    assert D.SUPPORTED_SLICER == "5.8"
+    for shipped in D.SLICER_SHIPS.values():
+        for package in ("numpy", "scipy", "SimpleITK"):
+            assert v(shipped[package]) >= v(D.CORE_MINIMUM[package]), (package, shipped)
+    # One torch requirement for both install routes, and no exact pin that pulls a CUDA build.
+    assert D.TORCH_REQUIREMENT == "torch" + D.TORCH_VERSION_REQUIREMENT and "==" not in D.TORCH_REQUIREMENT
+
+
+def test_extension_depends_on_pytorch_and_ships_a_license():
+    sets = {k: " ".join(v) for k, v in _set_lists(_cmake(ROOT / "CMakeLists.txt")).items()}
+    assert sets["EXTENSION_DEPENDS"] == "PyTorch"
+    license_text = (ROOT / "LICENSE").read_text()
+    assert "Apache License" in license_text and "Version 2.0" in license_text
+    assert 'license = { text = "Apache-2.0" }' in (ROOT / "pyproject.toml").read_text()
+
+
+def test_module_never_calls_qrgb_and_saves_model_path_history():
+    source = (MODULE / "CRADLAnomaly.py").read_text()
+    assert "qt.qRgb" not in source
+    tree = ET.parse(MODULE / "Resources/UI/CRADLAnomaly.ui")
+    keyed = [w.get("name") for w in tree.iter("widget") if w.get("class") == "ctkPathLineEdit"
+             and any(p.get("name") == "settingKey" for p in w.findall("property"))]
+    for name in keyed:
+        assert f"self.ui.{name}.addCurrentPathToHistory()" in source, name
+
+
+def test_parameter_node_names_match_the_ui():
+    """connectGui binds each parameter to the widget whose SlicerParameterName names it."""
+    tree = ast.parse((MODULE / "CRADLAnomaly.py").read_text())
+    wrapper = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "CRADLAnomalyParameterNode")
+    assert any(ast.unparse(d) == "parameterNodeWrapper" for d in wrapper.decorator_list)
+    params = {n.target.id for n in wrapper.body if isinstance(n, ast.AnnAssign)}
+    ui = ET.parse(MODULE / "Resources/UI/CRADLAnomaly.ui")
+    bound = {p.findtext("string") for p in ui.iter("property") if p.get("name") == "SlicerParameterName"}
+    assert bound and bound <= params
+    assert params - bound == {"modelPath"}  # bound by hand: empty = the bundled model
+
+
+def test_bridge_imports_without_torch():
+    """The panel opens before PyTorch is installed: the bridge must not import it."""
+    import subprocess
+
+    code = ("import sys; sys.path.insert(0, %r); import CRADLAnomalyLib; "
+            "assert 'torch' not in sys.modules, 'torch imported'" % str(MODULE))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
