@@ -21,6 +21,9 @@ from cradl.gmm import GaussianMixtureNLL
 from cradl.space import ReferenceGrid
 
 GRID = ReferenceGrid((16, 16, 6), 3.0, (-24.0, -24.0, -9.0))
+CALIBRATION = {"slice_nll_mean": [1.0] * 6, "slice_nll_std": [0.5] * 6, "volume_aggregate": "top3_z",
+               "volume_scores": [0.1, 0.5, 1.0], "n_scans": 3, "heatmap_scale": 1.5, "voxel_threshold": 2.0,
+               "min_region_mm3": 100.0}
 
 
 @pytest.fixture
@@ -30,7 +33,7 @@ def bundle_path(tmp_path):
     mixture = GaussianMixture(2, random_state=0).fit(np.random.default_rng(0).normal(size=(100, 8)))
     gmm = GaussianMixtureNLL.from_sklearn(mixture, np.zeros(8), np.ones(8))
     manifest = {"name": "unit", "version": "9.9", "reference": {"grid": GRID.to_json(), "min_brain_fraction": 0.1},
-                "normalisation": {}, "localization": {}, "calibration": {"volume_scores": [1.0]}}
+                "normalisation": {}, "localization": {}, "calibration": CALIBRATION}
     template = np.random.default_rng(1).random((6, 16, 16)).astype(np.float32)
     path = tmp_path / "unit.cradl"
     save_bundle(path, manifest, encoder, gmm, template, (template > 0.5).astype(np.uint8))
@@ -49,8 +52,8 @@ def test_round_trip_restores_weights_mixture_and_template(bundle_path):
 
 def test_a_bundle_is_one_zip_of_json_and_npy_only(bundle_path):
     names = zipfile.ZipFile(bundle_path).namelist()
-    assert names[0] == "manifest.json"
-    assert all(n == "manifest.json" or (n.startswith("arrays/") and n.endswith(".npy")) for n in names)
+    assert names[:2] == ["manifest.json", "manifest.sha256"]
+    assert all(n.startswith("arrays/") and n.endswith(".npy") for n in names[2:])
 
 
 def test_refuses_a_missing_file(tmp_path):
@@ -104,17 +107,22 @@ def test_refuses_tampered_weights(bundle_path):
         load_bundle(bundle_path)
 
 
-def _edit_manifest(path, edit):
+def _edit_manifest(path, edit, recompute_checksum=True):
+    """Edit the manifest as an attacker would (recomputing its checksum) or as a careless user would."""
+    import hashlib
+
     def apply(members):
         manifest = json.loads(members["manifest.json"])
         edit(manifest)
         members["manifest.json"] = json.dumps(manifest).encode()
+        if recompute_checksum:
+            members["manifest.sha256"] = hashlib.sha256(members["manifest.json"]).hexdigest().encode()
 
     _rewrite(path, apply)
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda m: m["encoder"].update(feature_dim=16), "consistent"),  # lies about the weights' shapes
+    (lambda m: m["encoder"].update(feature_dim=16), "does not match its weights"),  # lies about the weights
     (lambda m: m.update(format_version=99), "format version 99"),  # written by a newer cradl
     (lambda m: m.update(format="something-else"), "not a CRADL model bundle"),
 ])
@@ -176,3 +184,170 @@ def test_a_malicious_pickle_inside_the_bundle_never_runs(bundle_path, tmp_path):
     with pytest.raises(ModelError):
         load_bundle(bundle_path)
     assert not marker.exists()
+
+
+# ---------------------------------------------------------------- issue 11: bounded memory, manifest validated
+
+def _nothing_read_or_built(monkeypatch):
+    """Fail the test if an array member is read or a network built: the refusal must come first."""
+    import cradl.bundle
+
+    monkeypatch.setattr(cradl.bundle, "_read_array", lambda *a: pytest.fail("an array member was read"))
+    monkeypatch.setattr(cradl.bundle, "_assemble", lambda *a: pytest.fail("the model was built"))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m["encoder"].update(grid=400), "encoder.grid must be an integer in"),  # 10 GB Linear layer
+    (lambda m: m["encoder"].update(width=3000), "encoder.width must be an integer in"),
+    (lambda m: m["encoder"].update(grid=8), "does not match its weights"),  # in range, but not these weights
+    (lambda m: m["reference"]["grid"].update(size=[1024, 1024, 1024]), "calibration.slice_nll_mean has 6 values"),
+    (lambda m: m["arrays"]["template"].update(shape=[1 << 30, 1 << 30]), "more than a model needs"),
+])
+def test_network_and_array_sizes_are_checked_before_anything_is_built(bundle_path, monkeypatch, edit, message):
+    """Item 14: a 5 MB bundle whose manifest said encoder grid 400 or width 3000 took 10 GB before refusal."""
+    _edit_manifest(bundle_path, edit)
+    _nothing_read_or_built(monkeypatch)
+    with pytest.raises(ModelError, match=message):
+        load_bundle(bundle_path)
+
+
+def test_a_member_that_inflates_beyond_its_array_is_refused_before_it_is_read(bundle_path, monkeypatch):
+    """Item 14: an 8.7 MB member inflating to 5 GiB took 10.7 GB before the checksum failed (here 256 MiB)."""
+    def inflate(members):
+        members["arrays/template.npy"] = bytes(256 << 20)
+
+    _rewrite_deflated(bundle_path, inflate)
+    assert bundle_path.stat().st_size < 2 << 20
+    _nothing_read_or_built(monkeypatch)
+    with pytest.raises(ModelError, match="declares 268,435,456 bytes"):
+        load_bundle(bundle_path)
+
+
+def test_a_member_read_is_capped_whatever_its_header_says(bundle_path):
+    from cradl.bundle import _read_capped
+
+    with zipfile.ZipFile(bundle_path) as archive:
+        info = archive.getinfo("arrays/template.npy")
+        with pytest.raises(ModelError, match="inflates beyond"):
+            _read_capped(archive, info, info.file_size - 1)
+
+
+def _rewrite_deflated(path, edit):
+    with zipfile.ZipFile(path) as archive:
+        members = {n: archive.read(n) for n in archive.namelist()}
+    edit(members)
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+
+
+def test_an_edited_manifest_fails_the_checksum(bundle_path):
+    """Item 15: calibration edited to volume scores 1000 and threshold 1e9 read the demo tumour as normal."""
+    def edit(m):
+        m["calibration"].update(volume_scores=[1000.0] * 3, voxel_threshold=1e9)
+
+    _edit_manifest(bundle_path, edit, recompute_checksum=False)
+    with pytest.raises(ModelError, match="checksum for the manifest"):
+        load_bundle(bundle_path)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m["calibration"].update(voxel_threshold=1e9), "voxel_threshold"),
+    (lambda m: m["calibration"].update(voxel_threshold=-1), "voxel_threshold"),
+    (lambda m: m["calibration"].update(heatmap_scale=0), "heatmap_scale"),
+    (lambda m: m["calibration"].update(slice_nll_std=[0.0] * 6), "slice_nll_std must be positive"),
+    (lambda m: m["calibration"].update(slice_nll_mean=[1.0] * 5), "slice_nll_mean has 5 values"),
+    (lambda m: m["calibration"].update(volume_scores=[]), "volume_scores must hold"),
+    (lambda m: m["calibration"].update(volume_scores="high"), "volume_scores must be a list"),
+    (lambda m: m["calibration"].update(volume_aggregate="median"), "volume_aggregate"),
+    (lambda m: m["calibration"].pop("voxel_threshold"), "voxel_threshold"),
+    (lambda m: m.pop("calibration"), "'calibration' is missing"),
+    (lambda m: m["reference"]["grid"].update(spacing=0), "reference.grid.spacing"),
+    (lambda m: m["reference"].update(min_brain_fraction=2), "min_brain_fraction"),
+    (lambda m: m["encoder"].update(width="32"), "encoder.width"),
+    (lambda m: m.update(name=None), "name must be a string"),
+    (lambda m: m.update(localization={"smoothgrad_samples": 0, "noise_std": 0.05, "median_size": 5,
+                                      "gaussian_sigma_px": 1.0}), "smoothgrad_samples"),
+    (lambda m: m["calibration"].update(typicality={"mean": "x", "bad": [1.0, {"deep": {"set": [1, None]}}]}), None),
+])
+def test_every_manifest_field_is_validated_even_with_a_recomputed_checksum(bundle_path, edit, message):
+    """Item 15: heatmap_scale 0, threshold NaN or -1, slice std 0 gave all-zero heatmaps, NaN in the report
+    or one region covering the image; missing or out-of-range fields gave exit 1 "internal error"."""
+    _edit_manifest(bundle_path, edit)
+    if message is None:  # fields other work adds (typicality, brain_extraction, data_split) are accepted
+        load_bundle(bundle_path)
+        return
+    with pytest.raises(ModelError, match=message):
+        load_bundle(bundle_path)
+
+
+def test_nan_anywhere_in_the_manifest_is_refused(bundle_path):
+    def plant(members):
+        import hashlib
+
+        members["manifest.json"] = members["manifest.json"].replace(b'"voxel_threshold": 2.0', b'"voxel_threshold": NaN')
+        members["manifest.sha256"] = hashlib.sha256(members["manifest.json"]).hexdigest().encode()
+
+    _rewrite(bundle_path, plant)
+    with pytest.raises(ModelError, match="NaN"):
+        load_bundle(bundle_path)
+
+
+def test_optional_fields_of_other_work_are_accepted_loosely(bundle_path):
+    def extend(m):
+        m["reference"]["brain_extraction"] = {"method": "deepbet", "threshold": 0.5}
+        m["calibration"]["typicality"] = {"mean": [0.1, 0.2], "cov_scale": 1.5, "threshold": 3.2}
+        m["training"] = {"data_split": {"train": ["IXI002"], "validation": [], "calibration": ["IXI012"]}}
+        m["contrasts"] = ["t1", "t2"]
+
+    _edit_manifest(bundle_path, extend)
+    assert load_bundle(bundle_path).manifest["contrasts"] == ["t1", "t2"]
+    _edit_manifest(bundle_path, lambda m: m.update(contrasts="t1"))
+    with pytest.raises(ModelError, match="contrasts must be a list"):
+        load_bundle(bundle_path)
+
+
+def test_fingerprint_is_the_sha256_of_the_manifest_and_format_1_still_loads(bundle_path):
+    import hashlib
+
+    with zipfile.ZipFile(bundle_path) as archive:
+        raw = archive.read("manifest.json")
+    assert load_bundle(bundle_path).fingerprint == "sha256:" + hashlib.sha256(raw).hexdigest()
+
+    def to_format_1(members):  # as bundles written before the manifest checksum (the bundled model today)
+        del members["manifest.sha256"]
+        manifest = json.loads(members["manifest.json"])
+        manifest["format_version"] = 1
+        members["manifest.json"] = json.dumps(manifest).encode()
+
+    _rewrite(bundle_path, to_format_1)
+    assert load_bundle(bundle_path).fingerprint.startswith("sha256:")
+
+
+def test_a_format_2_bundle_without_its_checksum_is_refused(bundle_path):
+    _rewrite(bundle_path, lambda members: members.pop("manifest.sha256"))
+    with pytest.raises(ModelError, match="lacks its manifest checksum"):
+        load_bundle(bundle_path)
+
+
+def test_the_bundled_default_model_loads_and_validates():
+    bundle = load_bundle()
+    assert bundle.fingerprint.startswith("sha256:") and bundle.manifest["format_version"] in (1, 2)
+
+
+def test_a_full_disk_while_saving_a_bundle_leaves_nothing(bundle_path, tmp_path):
+    import resource
+
+    bundle = load_bundle(bundle_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
+    try:
+        with pytest.raises(Exception) as caught:
+            bundle.save(out / "copy.cradl")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    from cradl.errors import CradlError
+    assert isinstance(caught.value, CradlError), caught.value
+    assert list(out.iterdir()) == []

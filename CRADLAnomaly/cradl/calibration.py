@@ -77,3 +77,80 @@ def describe_percentile(percentile: float) -> str:
 def _ordinal(n: int) -> str:
     suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
     return f"{n}{suffix}"
+
+
+# ---------------------------------------------------------------- validation of a bundle's calibration
+
+MAX_THRESHOLD = 1e3  # heatmap unit: 1.0 = the 99th percentile of normal heatmaps; thresholds are about 1-5
+MAX_SCORES = 100_000
+
+
+def validate_calibration(calibration: dict, n_slices: int) -> None:
+    """Raise ValueError naming the first field that is missing, of the wrong type, non-finite, out of
+    range or of the wrong length. Fields other code may add (e.g. `typicality`) are checked loosely: any
+    nesting of dicts and lists of strings and finite numbers."""
+    if not isinstance(calibration, dict):
+        raise ValueError("calibration is not a mapping")
+
+    def numbers(key, length=None, positive=False, minimum=1):
+        values = calibration.get(key)
+        if not isinstance(values, list) or not all(_is_number(v) for v in values):
+            raise ValueError(f"calibration.{key} must be a list of numbers")
+        if length is not None and len(values) != length:
+            raise ValueError(f"calibration.{key} has {len(values)} values; the reference grid has {length} slices")
+        if not minimum <= len(values) <= MAX_SCORES:
+            raise ValueError(f"calibration.{key} must hold {minimum} to {MAX_SCORES} values")
+        if not all(np.isfinite(v) for v in values):
+            raise ValueError(f"calibration.{key} holds non-finite values")
+        if positive and not all(v > 0 for v in values):
+            raise ValueError(f"calibration.{key} must be positive")
+
+    def number(key, low, high, low_open=False, required=True, integer=False):
+        if key not in calibration and not required:
+            return
+        value = calibration.get(key)
+        if not _is_number(value) or (integer and not isinstance(value, int)):
+            raise ValueError(f"calibration.{key} must be {'an integer' if integer else 'a number'}")
+        if not np.isfinite(value) or value > high or value < low or (low_open and value == low):
+            raise ValueError(f"calibration.{key} = {value} is outside {'(' if low_open else '['}{low:g}, {high:g}]")
+
+    numbers("slice_nll_mean", n_slices)
+    numbers("slice_nll_std", n_slices, positive=True)
+    numbers("volume_scores")
+    if calibration.get("volume_aggregate", DEFAULT_AGGREGATE) not in AGGREGATES:
+        raise ValueError(f"calibration.volume_aggregate must be one of {', '.join(AGGREGATES)}")
+    number("heatmap_scale", 0.0, 1e12, low_open=True)
+    number("voxel_threshold", 0.0, MAX_THRESHOLD, low_open=True)
+    number("min_region_mm3", 0.0, 1e9)
+    number("n_scans", 1, 1e9, integer=True, required=False)
+    number("n_heatmap_scans", 1, 1e9, integer=True, required=False)
+    if "normal_region_bounds" in calibration:
+        numbers("normal_region_bounds", minimum=0)
+    for key, value in calibration.items():
+        if key not in _KNOWN_FIELDS:
+            check_loose(value, f"calibration.{key}")
+
+
+_KNOWN_FIELDS = {"slice_nll_mean", "slice_nll_std", "volume_scores", "volume_aggregate", "heatmap_scale",
+                 "voxel_threshold", "min_region_mm3", "n_scans", "n_heatmap_scans", "normal_region_bounds"}
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_loose(value, where: str, depth: int = 0) -> None:
+    """JSON made of dicts, lists, strings, booleans, null and finite numbers, at most 8 levels deep."""
+    if depth > 8:
+        raise ValueError(f"{where} is nested too deeply")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            check_loose(item, f"{where}.{key}", depth + 1)
+    elif isinstance(value, list):
+        for item in value:
+            check_loose(item, where, depth + 1)
+    elif _is_number(value):
+        if not np.isfinite(value):
+            raise ValueError(f"{where} holds a non-finite number")
+    elif not (value is None or isinstance(value, (str, bool))):
+        raise ValueError(f"{where} holds a {type(value).__name__}")
