@@ -10,7 +10,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from . import __version__, calibration
+from . import __version__, calibration, typicality
 from .calibration import describe_percentile
 from .bundle import ModelBundle, load_bundle
 from .errors import DetectionCancelled, InputError
@@ -21,6 +21,11 @@ from .regions import Region, find_regions
 from .space import ReferenceSpace
 
 ProgressCallback = Callable[[float, str], None]
+
+# Correlation of a scan with the T1 template inside the brain's core, after alignment. Measured: real
+# T1 heads and T1 patients MEASURED_T1; T2 and FLAIR MEASURED_OTHER (see README). A T1-only model
+# warns below the limit.
+T1_LIKENESS_MIN = 0.3
 
 
 @dataclass(frozen=True)
@@ -48,13 +53,31 @@ class DetectionResult:
     region_labels: sitk.Image | None = None  # uint16, 0 = none, k = region of rank k
     timings: dict = field(default_factory=dict)
     source: str | None = None
+    brain_extraction: str = "given"  # 'network', 'already stripped' or 'given' (a mask was passed)
+    typicality: dict | None = None  # typical slice z, its normal limit, out_of_distribution
+    warnings: list[str] = field(default_factory=list)  # what makes the scores less trustworthy, in words
+
+    @property
+    def out_of_distribution(self) -> bool:
+        return bool(self.typicality and self.typicality["out_of_distribution"])
+
+    @property
+    def interpretation(self) -> str:
+        if self.out_of_distribution:
+            return ("not comparable: the scan is unlike every normal scan the model knows (another contrast, "
+                    "age group, artefacts?), so its score is not a finding")
+        return describe_percentile(self.volume_percentile)
 
     def to_report(self) -> dict:
         return {
             "source": self.source,
             "volume_score": round(self.volume_score, 4),
             "volume_percentile": round(self.volume_percentile, 2),
-            "interpretation": describe_percentile(self.volume_percentile),
+            "interpretation": self.interpretation,
+            "out_of_distribution": self.out_of_distribution,
+            "typicality": self.typicality,
+            "warnings": list(self.warnings),
+            "brain_extraction": self.brain_extraction,
             "threshold": round(self.threshold, 4),
             "min_region_mm3": self.min_region_mm3,
             "slice_scores": [s.to_json() for s in self.slice_scores],
@@ -173,7 +196,9 @@ class AnomalyDetector:
         result = DetectionResult(volume_score, calibration.percentile(volume_score, self.calibration), slices, [],
                                  float(self.calibration["voxel_threshold"]),
                                  float(self.calibration["min_region_mm3"]), self.model_summary(),
-                                 timings=timings, source=source)
+                                 timings=timings, source=source, brain_extraction=prepared.brain_extraction,
+                                 typicality=typicality.assess(z, self.calibration))
+        result.warnings = self._warnings(result, prepared)
         if heatmap:
             report(0.8, "Mapping the heatmap onto the scan")
             t = time.perf_counter()
@@ -184,6 +209,19 @@ class AnomalyDetector:
         timings["total"] = time.perf_counter() - started
         report(1.0, "Done")
         return result
+
+    def _warnings(self, result: DetectionResult, prepared: PreparedScan) -> list[str]:
+        warnings = []
+        contrasts = self.bundle.manifest.get("contrasts")
+        if contrasts == ["t1"] and prepared.t1_likeness < T1_LIKENESS_MIN:
+            warnings.append("the scan does not look T1-weighted (its intensities do not follow the T1 template's "
+                            "tissue order) and this model knows T1 only: train or calibrate on normal scans of "
+                            "this contrast")
+        if result.out_of_distribution:
+            t = result.typicality
+            warnings.append(f"unlike the model's normal scans: its typical slice is {t['typical_z']:.1f} SD from "
+                            f"normal (normal scans at most {t['limit']:.1f}); the percentile is not a finding")
+        return warnings
 
     def model_summary(self) -> dict:
         m = self.bundle.manifest

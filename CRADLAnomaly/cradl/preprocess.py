@@ -7,8 +7,9 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from .brain import extract_brain
 from .errors import InputError
-from .space import ReferenceSpace
+from .space import ReferenceSpace, coarse_copy, resample
 
 DEFAULT_NORMALISATION = {"method": "robust-range", "low_percentile": 1.0, "high_percentile": 99.0,
                          "clip": [-0.5, 2.0]}
@@ -22,6 +23,8 @@ class PreparedScan:
     mask: np.ndarray  # [z, y, x] bool
     transform: sitk.Transform  # reference points -> scan points
     slice_indices: np.ndarray  # axial slices that hold enough brain to be scored
+    brain_extraction: str = "given"  # how the brain mask was found: 'network', 'already stripped', 'given'
+    t1_likeness: float = 1.0  # correlation with the T1 template in the brain's core (negative: T2-like)
 
     @property
     def slices(self) -> np.ndarray:
@@ -75,25 +78,54 @@ def brain_core(mask: np.ndarray, spacing_mm: float) -> np.ndarray:
     return core if core.sum() >= 0.1 * mask.sum() else mask
 
 
-def _check_resembles_brain(volume: np.ndarray, template: np.ndarray, mask: np.ndarray, spacing_mm: float) -> None:
-    explained = template_explained(volume, template, brain_core(mask, spacing_mm))
+def _check_resembles_brain(volume: np.ndarray, template: np.ndarray, core: np.ndarray) -> None:
+    explained = template_explained(volume, template, core)
     if explained < MIN_TEMPLATE_EXPLAINED:
         raise InputError("the scan does not resemble a brain MRI after alignment to the template "
                          f"(its intensities explain {explained:.0%} of the template's brain contrast; "
                          f"a brain MRI explains at least {MIN_TEMPLATE_EXPLAINED:.0%})")
 
 
+def brain_only(image: sitk.Image, mask: sitk.Image, normalisation: dict, spacing_mm: float) -> sitk.Image:
+    """The scan at registration resolution, normalised inside its brain and 0 outside, like the template.
+
+    Registering the brain alone is what makes heads with skull and neck align: matched against the
+    skull-stripped template, the whole head pulled the brain towards the skull and the neck.
+    """
+    coarse = coarse_copy(sitk.Cast(image, sitk.sitkFloat32), spacing_mm)
+    coarse_mask = sitk.GetArrayViewFromImage(resample(sitk.Cast(mask > 0, sitk.sitkUInt8), coarse,
+                                                      interpolator=sitk.sitkNearestNeighbor)) > 0
+    if coarse_mask.sum() < 100:
+        raise InputError("the brain mask covers almost none of the scan")
+    array = normalise_intensity(sitk.GetArrayFromImage(coarse), coarse_mask, normalisation)
+    out = sitk.GetImageFromArray(np.clip(array, 0.0, None))
+    out.CopyInformation(coarse)
+    return out
+
+
 def prepare_scan(image: sitk.Image, space: ReferenceSpace, normalisation: dict, min_brain_fraction: float,
                  mask: sitk.Image | None = None, transform: sitk.Transform | None = None,
                  seed: int = 0) -> PreparedScan:
-    transform = transform or space.align(image, seed=seed)
+    """Brain mask (extracted unless given), affine alignment of the brain, normalised reference slices."""
+    method = "given"
+    if mask is None:
+        mask, method = extract_brain(image)
+    elif not same_grid(mask, image):
+        mask = resample(sitk.Cast(mask > 0, sitk.sitkUInt8), image, interpolator=sitk.sitkNearestNeighbor)
+    transform = transform or space.align(brain_only(image, mask, normalisation, space.grid.spacing), seed=seed)
     volume = space.to_reference(image, transform)
-    brain = sitk.GetArrayViewFromImage(space.template_mask) > 0
-    if mask is not None:
-        user = space.to_reference(sitk.Cast(mask > 0, sitk.sitkUInt8), transform, sitk.sitkNearestNeighbor) > 0
-        if user.sum() < 100:
-            raise InputError("the brain mask does not overlap the scan's brain (after alignment)")
-        brain = user
+    brain = space.to_reference(sitk.Cast(mask > 0, sitk.sitkUInt8), transform, sitk.sitkNearestNeighbor) > 0
+    if brain.sum() < 100:
+        raise InputError("the brain mask does not overlap the reference brain after alignment")
     normalised = normalise_intensity(volume, brain, normalisation)
-    _check_resembles_brain(normalised, sitk.GetArrayViewFromImage(space.template), brain, space.grid.spacing)
-    return PreparedScan(normalised, brain.copy(), transform, brain_slices(brain, min_brain_fraction))
+    template = sitk.GetArrayViewFromImage(space.template)
+    core = brain_core(brain, space.grid.spacing)
+    _check_resembles_brain(normalised, template, core)
+    likeness = float(np.corrcoef(normalised[core], template[core])[0, 1])
+    return PreparedScan(normalised, brain, transform, brain_slices(brain, min_brain_fraction), method, likeness)
+
+
+def same_grid(a: sitk.Image, b: sitk.Image) -> bool:
+    return (a.GetSize() == b.GetSize() and np.allclose(a.GetSpacing(), b.GetSpacing())
+            and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=1e-3)
+            and np.allclose(a.GetDirection(), b.GetDirection(), atol=1e-6))

@@ -23,6 +23,26 @@ def ras_to_lps(points) -> np.ndarray:
     return np.asarray(points, dtype=float) * _LPS_RAS_FLIP
 
 
+def ras_canonical_array(image: sitk.Image) -> np.ndarray:
+    """The voxels as an [x, y, z] array whose axes run towards R, A and S (nibabel's canonical order).
+
+    The axes are only permuted and flipped (no resampling); an oblique scan goes to its nearest
+    canonical orientation. Tools written for nibabel (brain extraction) expect this layout.
+    """
+    identity_lps = sitk.DICOMOrient(image, "LPS")  # direction ~ identity: array [z, y, x] towards S, P, L
+    return np.ascontiguousarray(sitk.GetArrayViewFromImage(identity_lps).transpose(2, 1, 0)[::-1, ::-1, :])
+
+
+def array_from_ras_canonical(array: np.ndarray, image: sitk.Image) -> np.ndarray:
+    """Inverse of ras_canonical_array for a mask: an [x, y, z] RAS-ordered array back to `image`'s [z, y, x]."""
+    geometry = sitk.Image(image.GetSize(), sitk.sitkUInt8)
+    geometry.CopyInformation(image)
+    oriented = sitk.GetImageFromArray(np.ascontiguousarray(array[::-1, ::-1, :].transpose(2, 1, 0)).astype(np.uint8))
+    oriented.CopyInformation(sitk.DICOMOrient(geometry, "LPS"))
+    code = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection())
+    return sitk.GetArrayFromImage(sitk.DICOMOrient(oriented, code)).astype(array.dtype)
+
+
 @dataclass(frozen=True)
 class ReferenceGrid:
     """An axis-aligned LPS grid; numpy arrays on it are indexed [axial slice, row (P), column (L)]."""
@@ -76,12 +96,12 @@ def resample(image: sitk.Image, reference: sitk.Image, transform: sitk.Transform
                          image.GetPixelID())
 
 
-# Registration schedule. Measured against the known affine of 20 synthetic scans (T1/T2/FLAIR, all
-# orientations, thick slices) on the 2 mm default grid: 60 iterations and 25 % sampling gave 1.25 mm mean
-# error in 1.07 s; 30 iterations and 10 % give 1.19 mm in 0.82 s; 5 % sampling or dropping the
-# full-resolution level cost accuracy (worst scan 3.2 and 2.8 mm).
-ITERATIONS_PER_STAGE = 30
-METRIC_SAMPLING = 0.10
+# Registration schedule, measured on real brains (brain-extracted IXI heads and BraTS/MS patients,
+# Dice of the aligned brain mask with the template's): 30 iterations at 10 % sampling left 3 of 13
+# scans misaligned (Dice 0.84-0.88); 100 iterations at 25 % aligned all of them (0.89-0.96) for
+# about 1.5 times the registration time.
+ITERATIONS_PER_STAGE = 100
+METRIC_SAMPLING = 0.25
 
 
 def register_affine(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image | None = None,
@@ -92,7 +112,7 @@ def register_affine(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Imag
     handles any orientation and field of view; a similarity stage first keeps the affine stage stable.
     """
     fixed = sitk.Cast(fixed, sitk.sitkFloat32)
-    moving = _coarse_copy(sitk.Cast(moving, sitk.sitkFloat32), fixed.GetSpacing()[0])
+    moving = coarse_copy(sitk.Cast(moving, sitk.sitkFloat32), fixed.GetSpacing()[0])
     initial = sitk.CenteredTransformInitializer(fixed, moving, sitk.Similarity3DTransform(),
                                                 sitk.CenteredTransformInitializerFilter.MOMENTS)
     similarity = _run_registration(fixed, moving, initial, fixed_mask, seed, shrink=(4, 2))
@@ -103,7 +123,7 @@ def register_affine(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Imag
     return _run_registration(fixed, moving, affine, fixed_mask, seed, shrink=(2, 1))
 
 
-def _coarse_copy(image: sitk.Image, spacing: float) -> sitk.Image:
+def coarse_copy(image: sitk.Image, spacing: float) -> sitk.Image:
     """Registration never needs finer voxels than the template's: average blocks of big scans first.
 
     Block averaging (BinShrink) aligned as well as Gaussian smoothing + subsampling on the synthetic

@@ -25,7 +25,7 @@ import SimpleITK as sitk
 from ..errors import CradlError, InputError
 from ..io import read_image, write_json
 from ..regions import find_regions
-from .metrics import CaseScores, dice, full_report, region_outcome, score_histograms
+from .metrics import CaseScores, curve_metrics, dice, full_report, region_outcome, score_histograms
 
 log = logging.getLogger("cradl.evaluate")
 
@@ -93,8 +93,11 @@ class _CapturingDetector:
         return result, self.prepared
 
 
-def _brain_on_input(case: dict, image: sitk.Image, detector, prepared) -> tuple[np.ndarray, str]:
-    """The brain mask on the scan's grid: the generator's tissue labels when they exist, else the model's."""
+def _brain_on_input(case: dict, image: sitk.Image, detector, prepared, data_dir: Path) -> tuple[np.ndarray, str]:
+    """The brain mask on the scan's grid: the case's own (`brain`: label or expert mask), the generator's
+    tissue labels when they exist, else the model's."""
+    if case.get("brain"):
+        return sitk.GetArrayFromImage(sitk.ReadImage(str(data_dir / case["brain"]))) > 0, "case brain mask"
     source = case.get("source")
     if source:
         src = Path(source)
@@ -117,9 +120,12 @@ def _case_scores(case: dict, method_name: str, nll, indices, volume_score, heat_
         rec.pos_hist, rec.neg_hist = score_histograms(heat, lesion, roi)
         if rec.abnormal:
             rec.dice_at_threshold = dice((heat > threshold) & roi, lesion)
-        outcome = region_outcome(sitk.GetArrayViewFromImage(region_labels), lesion)
+        ranks = sitk.GetArrayViewFromImage(region_labels)
+        outcome = region_outcome(ranks, lesion)
         rec.n_regions, rec.n_false_regions, rec.detected = (outcome["n_regions"], outcome["n_false_regions"],
                                                             outcome["detected"])
+        hits = ranks[(ranks > 0) & lesion]
+        rec.extra["first_hit_rank"] = int(hits.min()) if hits.size else None  # rank 1 = the top region
     return rec
 
 
@@ -159,7 +165,7 @@ def evaluate_cases(detector, data_dir, methods=(), variant_heatmaps: bool = True
             mask_image = sitk.ReadImage(str(data_dir / case["mask"]), sitk.sitkFloat32)
         else:
             lesion, mask_image = np.zeros(image.GetSize()[::-1], bool), None
-        brain, brain_source = _brain_on_input(case, image, detector, prepared)
+        brain, brain_source = _brain_on_input(case, image, detector, prepared, data_dir)
         roi = brain | lesion
         idx = prepared.slice_indices
         if mask_image is not None:
@@ -177,6 +183,8 @@ def evaluate_cases(detector, data_dir, methods=(), variant_heatmaps: bool = True
                "lesion_voxels": int(lesion.sum()), "anomalous_slices": int(slice_labels.sum()),
                "slice_indices": [int(i) for i in idx], "slice_labels": [int(v) for v in slice_labels],
                "methods": {main: _row(records[main][-1], result.threshold)}}
+        row["methods"][main].update(out_of_distribution=result.out_of_distribution, warnings=result.warnings,
+                                    brain_extraction=result.brain_extraction, typicality=result.typicality)
         for method in methods:
             t = time.perf_counter()
             heat_wanted = variant_heatmaps or method.family != "cradl"
@@ -218,10 +226,15 @@ def aggregate_comparison(cases: list[CaseScores]) -> dict:
 
 
 def _row(rec: CaseScores, threshold: float) -> dict:
-    return {"slice_scores": [round(float(v), 3) for v in rec.slice_scores],"volume_score": round(rec.volume_score, 4), "max_slice_score": round(float(np.max(rec.slice_scores)), 4),
-            "dice_at_threshold": None if rec.dice_at_threshold is None else round(rec.dice_at_threshold, 4),
-            "n_regions": rec.n_regions, "n_false_regions": rec.n_false_regions, "detected": rec.detected,
-            "seconds": round(rec.seconds, 2)}
+    row = {"slice_scores": [round(float(v), 3) for v in rec.slice_scores], "volume_score": round(rec.volume_score, 4),
+           "max_slice_score": round(float(np.max(rec.slice_scores)), 4),
+           "dice_at_threshold": None if rec.dice_at_threshold is None else round(rec.dice_at_threshold, 4),
+           "n_regions": rec.n_regions, "n_false_regions": rec.n_false_regions, "detected": rec.detected,
+           "first_hit_rank": rec.extra.get("first_hit_rank"), "seconds": round(rec.seconds, 2)}
+    if rec.abnormal and rec.pos_hist is not None:  # this case's own voxel AP and best Dice
+        own = curve_metrics(rec.pos_hist, rec.neg_hist)
+        row.update(voxel_ap=round(own["ap"], 4), best_dice=round(own["best_dice"], 4))
+    return row
 
 
 def report_methods(records: dict[str, list[CaseScores]], n_boot: int, seed: int) -> dict:

@@ -2,9 +2,13 @@
 
     python -m cradl evaluate --model M --data DIR [--out results.json] [--markdown results.md]
     python -m cradl benchmark [--config small|full] --out-dir DIR [--model M] [--normals DIR]
+    python -m cradl real-set --out DIR                      the real-data evaluation set
+    python -m cradl train-real --out MODEL                  train on the real healthy cohort's split
+    python -m cradl benchmark-real --set DIR --out-dir DIR  model and baselines on the real-data set
 """
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from ..errors import CradlError, InputError
@@ -44,6 +48,88 @@ def register(sub) -> None:
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=run_benchmark)
+
+
+def register_real(sub) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--data", help="the shared real-data folder (default: $CRADL_REAL_DATA or ../shared/data)")
+    common.add_argument("--work", default="work/real",
+                        help="folder for cached brain masks and prepared scans (default: work/real)")
+    common.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("real-set", parents=[common], help="write the real-data evaluation set",
+                       description="Held-out IXI test subjects (normal; with a real stroke shape painted in; with "
+                       "a synthetic lesion type), and the real BraTS and MS patients with their expert masks, as a "
+                       "labelled set folder for `evaluate` and `benchmark-real`.")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=run_real_set)
+
+    p = sub.add_parser("train-real", parents=[common], help="train on the real healthy cohort's recorded split",
+                       description="Brain extraction, alignment and SimCLR training on the IXI subjects of the "
+                       "recorded split (training; validation for the mixture size and slice statistics; "
+                       "calibration); the test subjects are never used. Resumes like `train`.")
+    p.add_argument("--out", required=True, help="model bundle to write")
+    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--name", default="cradl-default")
+    p.add_argument("--version", default="2.0.0")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.set_defaults(run=run_train_real)
+
+    p = sub.add_parser("benchmark-real", parents=[common], help="score a model and the baselines on the real-data set",
+                       description="Retrains the intensity z-score and VAE baselines on the real training split, "
+                       "scores them and the model on the real-data set, and writes OUT_DIR/results.json and "
+                       "results.md (per group, with bootstrap 95%% intervals).")
+    p.add_argument("--model", help="model bundle (default: the bundled model)")
+    p.add_argument("--set", required=True, help="the real-data set folder (from real-set)")
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--no-baselines", action="store_true", help="score the model only")
+    p.add_argument("--vae-epochs", type=int, default=15)
+    p.add_argument("--bootstrap", type=int, default=1000)
+    p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    p.set_defaults(run=run_benchmark_real)
+
+
+def _require_real_data(args) -> None:
+    from .. import realdata
+
+    if not realdata.available(args.data):
+        raise InputError(f"real data not found at {realdata.data_root(args.data)} (give --data or set CRADL_REAL_DATA)")
+
+
+def run_real_set(args) -> int:
+    from .realset import write_real_set
+
+    _require_real_data(args)
+    manifest = write_real_set(args.out, args.data, Path(args.work) / "masks", seed=args.seed, progress=not args.quiet)
+    print(f"wrote {manifest}")
+    return 0
+
+
+def run_train_real(args) -> int:
+    from ..train.real import train_on_ixi
+    from ..train.trainer import TrainConfig
+
+    _require_real_data(args)
+    if not Path(args.out).resolve().parent.is_dir():
+        raise CradlError(f"cannot write {args.out}: its folder does not exist")
+    config = TrainConfig(epochs=args.epochs, name=args.name, version=args.version,
+                         description="CRADL trained on real healthy adults' T1 heads (IXI), brain-extracted")
+    print(f"wrote {train_on_ixi(args.out, config, args.work, args.data, args.device, progress=not args.quiet)}")
+    return 0
+
+
+def run_benchmark_real(args) -> int:
+    from .real import markdown, run_real_benchmark
+
+    _require_real_data(args)
+    if not (Path(args.set) / "manifest.json").is_file():
+        raise InputError(f"{args.set} holds no manifest.json (write it with `python -m cradl real-set`)")
+    results = run_real_benchmark(args.model, args.set, args.out_dir, args.work, args.data, device=args.device,
+                                 n_boot=args.bootstrap, baselines=not args.no_baselines, vae_epochs=args.vae_epochs,
+                                 progress=not args.quiet, command=_command_line(args))
+    print(markdown(results))
+    return 0
 
 
 def _command_line(args) -> str:

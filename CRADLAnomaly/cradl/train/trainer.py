@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from .. import __version__
 from ..bundle import load_bundle, save_bundle
-from ..calibration import DEFAULT_AGGREGATE, aggregate, fit_slice_statistics
+from ..calibration import DEFAULT_AGGREGATE, aggregate, fit_slice_statistics, slice_z_scores
 from ..detector import resolve_device
 from ..encoder import ProjectionHead, SliceEncoder
 from ..errors import CradlError, InputError
@@ -27,6 +27,7 @@ from ..io import IMAGE_SUFFIXES, atomic_path, read_image
 from ..localize import DEFAULT_LOCALIZATION, postprocess_saliency, score_and_saliency, score_slices
 from ..preprocess import DEFAULT_NORMALISATION, PreparedScan, prepare_scan
 from ..space import ReferenceSpace
+from ..typicality import fit_typicality
 from .augment import nt_xent, simclr_view
 
 log = logging.getLogger("cradl.train")
@@ -87,14 +88,15 @@ def split_scans(n: int, config: TrainConfig) -> tuple[np.ndarray, np.ndarray, np
 
 
 def prepare_all(paths: list[Path], space: ReferenceSpace, config: TrainConfig, cache: Path | None,
-                progress: bool = True) -> list[PreparedScan]:
-    """Align and normalise every scan once; cached so a resumed run skips the registrations.
+                progress: bool = True, masks: list[Path] | None = None) -> list[PreparedScan]:
+    """Extract the brain (unless `masks` gives one per scan), align and normalise every scan once; cached
+    so a resumed run skips the registrations.
 
     The cache is used only for the same scans prepared the same way (reference grid, normalisation,
-    brain fraction); anything else is prepared afresh and replaces it.
+    brain fraction, masks); anything else is prepared afresh and replaces it.
     """
     resolved = [str(Path(p).resolve()) for p in paths]
-    recipe = _preparation_recipe(space, config)
+    recipe = _preparation_recipe(space, config, masks)
     if cache is not None and cache.exists():
         data = np.load(cache, allow_pickle=False)
         if list(data["paths"]) == resolved and "recipe" in data and str(data["recipe"]) == recipe:
@@ -102,9 +104,10 @@ def prepare_all(paths: list[Path], space: ReferenceSpace, config: TrainConfig, c
             return [PreparedScan(data[f"v{i}"].astype(np.float32), data[f"m{i}"], None, data[f"s{i}"])
                     for i in range(len(paths))]
     prepared = []
-    for path in tqdm(paths, desc="aligning normal scans", unit="scan", disable=not progress):
+    for i, path in enumerate(tqdm(paths, desc="aligning normal scans", unit="scan", disable=not progress)):
         try:
-            scan = prepare_scan(read_image(path), space, config.normalisation, config.min_brain_fraction)
+            mask = read_image(masks[i], what="brain mask") if masks is not None else None
+            scan = prepare_scan(read_image(path), space, config.normalisation, config.min_brain_fraction, mask=mask)
         except CradlError as exc:
             raise InputError(f"cannot use normal scan {path}: {exc}") from None
         prepared.append(PreparedScan(scan.volume.astype(np.float16).astype(np.float32), scan.mask, None,
@@ -119,15 +122,23 @@ def prepare_all(paths: list[Path], space: ReferenceSpace, config: TrainConfig, c
     return prepared
 
 
-def _preparation_recipe(space: ReferenceSpace, config: TrainConfig) -> str:
+def _preparation_recipe(space: ReferenceSpace, config: TrainConfig, masks: list[Path] | None = None) -> str:
     """Everything that shapes a prepared scan, as the text a cache is keyed on."""
     return json.dumps({"grid": space.grid.to_json(), "normalisation": config.normalisation,
-                       "min_brain_fraction": config.min_brain_fraction}, sort_keys=True)
+                       "min_brain_fraction": config.min_brain_fraction,
+                       "masks": [str(Path(m).resolve()) for m in masks] if masks else None}, sort_keys=True)
 
 
 def train_model(normal_dirs, out: str | Path, config: TrainConfig = TrainConfig(), device: str = "auto",
-                resume: bool = True, scans: list[Path] | None = None, progress: bool = True) -> Path:
-    """Train on the normal scans in `normal_dirs` and write the bundle to `out`. Returns `out`."""
+                resume: bool = True, scans: list[Path] | None = None, progress: bool = True,
+                masks: list[Path] | None = None, groups: dict[str, list[int]] | None = None,
+                data_split: dict | None = None, contrasts: tuple[str, ...] = ("t1", "t2", "flair")) -> Path:
+    """Train on the normal scans in `normal_dirs` (or the list `scans`) and write the bundle to `out`.
+
+    `masks`: a brain mask per scan (else brain extraction); `groups`: explicit scan indices for
+    'train', 'validation' and 'calibration' (else a seeded split); `data_split`: the subject IDs of
+    each group, recorded in the manifest; `contrasts`: the contrasts the normal scans cover.
+    Returns `out`."""
     started = time.perf_counter()
     out = Path(out)
     if not out.parent.is_dir():
@@ -135,9 +146,13 @@ def train_model(normal_dirs, out: str | Path, config: TrainConfig = TrainConfig(
     torch.manual_seed(config.seed)
     dev = resolve_device(device)
     paths = scans if scans is not None else find_scans(normal_dirs)
-    train_idx, val_idx, cal_idx = split_scans(len(paths), config)
+    if groups is not None:
+        train_idx, val_idx, cal_idx = (np.asarray(groups[g], dtype=int) for g in ("train", "validation", "calibration"))
+    else:
+        train_idx, val_idx, cal_idx = split_scans(len(paths), config)
     space = ReferenceSpace.from_mni(config.slice_size, config.spacing_mm)
-    prepared = prepare_all(paths, space, config, out.with_suffix(".prep.npz") if resume else None, progress)
+    prepared = prepare_all(paths, space, config, out.with_suffix(".prep.npz") if resume else None, progress,
+                           masks=masks)
 
     train_slices = np.concatenate([prepared[i].slices for i in train_idx])
     log.info("%d scans: %d training (%d slices), %d validation, %d calibration", len(paths), len(train_idx),
@@ -160,9 +175,13 @@ def train_model(normal_dirs, out: str | Path, config: TrainConfig = TrainConfig(
                      "n_train_slices": int(len(train_slices)), "n_validation_scans": len(val_idx),
                      "n_calibration_scans": len(cal_idx), "data": [str(d) for d in (normal_dirs or [])],
                      "device": str(dev), "device_name": _device_name(dev),
-                     "seconds": round(time.perf_counter() - started, 1), "loss_per_epoch": history},
+                     "seconds": round(time.perf_counter() - started, 1), "loss_per_epoch": history,
+                     **({"data_split": data_split} if data_split else {})},
+        "contrasts": list(contrasts),
         "reference": {"grid": space.grid.to_json(), "template": "MNI152 2009a symmetric T1 (nilearn)",
-                      "min_brain_fraction": config.min_brain_fraction},
+                      "min_brain_fraction": config.min_brain_fraction,
+                      "brain_extraction": {"method": "deepbet 1.0.2, or the scan's own region when already "
+                                           "skull-stripped", "masks_given": masks is not None}},
         "normalisation": config.normalisation,
         "encoder": {"width": config.width, "feature_dim": config.feature_dim, "grid": config.grid},
         "gmm": selection,
@@ -276,6 +295,7 @@ def _calibrate(encoder, gmm, val_scans: list[PreparedScan], scans: list[Prepared
         heats.append(postprocess_saliency(saliency, scan.mask[idx], config.localization, idx))
         masks.append(scan.mask[idx])
     stats["volume_scores"] = sorted(aggregate(n, s.slice_indices, stats) for n, s in zip(nlls, scans))
+    stats["typicality"] = fit_typicality([slice_z_scores(n, s.slice_indices, stats) for n, s in zip(nlls, scans)])
     scale = float(np.percentile(np.concatenate([h[m] for h, m in zip(heats, masks)]), 99.0))
     # The n-th largest value of a normal heatmap bounds from above the threshold at which it would still
     # show a region of n voxels; a quantile of those over normal scans caps false alarms per scan.

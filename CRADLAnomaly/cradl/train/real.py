@@ -1,0 +1,39 @@
+"""Training on the real healthy cohort (IXI T1 heads in `../shared/data`) with the recorded subject split."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .. import realdata
+from .trainer import TrainConfig, train_model
+
+GROUPS = ("train", "validation", "calibration")
+
+
+def brain_masks(subjects, work_dir: Path, progress: bool = True) -> list[Path]:
+    """The brain mask of every subject (brain extraction once, cached under work_dir/masks)."""
+    from tqdm import tqdm
+
+    paths = []
+    for subject in tqdm(subjects, desc="brain extraction", unit="scan", disable=not progress):
+        realdata.cached_brain_mask(subject.t1, work_dir / "masks")
+        paths.append(realdata.mask_cache_path(subject.t1, work_dir / "masks"))
+    return paths
+
+
+def train_on_ixi(out: str | Path, config: TrainConfig, work_dir: str | Path, root=None, device: str = "auto",
+                 resume: bool = True, progress: bool = True) -> Path:
+    """Train on the recorded split's training subjects; validation and calibration subjects as their names
+    say; the test subjects are never touched."""
+    work_dir = Path(work_dir)
+    subjects, groups = [], {}
+    for group in GROUPS:
+        members = realdata.subjects_in(group, root)
+        groups[group] = list(range(len(subjects), len(subjects) + len(members)))
+        subjects += members
+    masks = brain_masks(subjects, work_dir, progress)
+    split = {g: [subjects[i].id for i in groups[g]] for g in GROUPS}
+    split["test"] = realdata.recorded_split()["test"]
+    return train_model([realdata.data_root(root) / "ixi" / "T1"], out, config, device=device, resume=resume,
+                       scans=[s.t1 for s in subjects], progress=progress, masks=masks, groups=groups,
+                       data_split={"file": realdata.SPLIT_FILE.name, "seed": realdata.SPLIT_SEED, **split},
+                       contrasts=("t1",))
