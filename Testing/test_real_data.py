@@ -1,0 +1,147 @@
+"""Real scans: brain extraction on heads with skull, brain-only alignment, the recorded subject split,
+out-of-distribution honesty, and the lesions painted into real anatomy for evaluation.
+
+Tests that need the shared real data (`../shared/data`, or $CRADL_REAL_DATA) skip where it is absent,
+as in a user's clone."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from cradl import realdata
+from cradl.brain import dice, extract_brain, stripped_region
+from cradl.errors import InputError
+from cradl.space import array_from_ras_canonical, ras_canonical_array
+from cradl.typicality import assess, fit_typicality
+
+needs_real_data = pytest.mark.skipif(not realdata.available(), reason="shared real data not on this machine")
+
+
+def _oriented(code: str) -> sitk.Image:
+    image = sitk.GetImageFromArray(np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6))
+    image.SetSpacing((1.0, 2.0, 3.0))
+    return sitk.DICOMOrient(image, code)
+
+
+@pytest.mark.parametrize("code", ["LPS", "RAS", "PIR", "SAR", "ASL"])
+def test_ras_canonical_layout_matches_nibabel_and_round_trips(code, tmp_path):
+    import nibabel as nib
+
+    image = _oriented(code)
+    sitk.WriteImage(image, str(tmp_path / "x.nii.gz"))
+    expected = nib.as_closest_canonical(nib.load(tmp_path / "x.nii.gz")).get_fdata()
+    canonical = ras_canonical_array(image)
+    assert np.array_equal(canonical, expected)
+    mask = canonical > canonical.mean()
+    back = array_from_ras_canonical(mask, image)
+    assert np.array_equal(back, sitk.GetArrayFromImage(image) > canonical.mean())
+
+
+def test_a_skull_stripped_scan_keeps_its_own_brain_region():
+    from cradl.train.synthetic import make_normal_scan
+
+    image, labels = make_normal_scan(np.random.default_rng(2024), contrast="t1")
+    brain = sitk.GetArrayFromImage(labels) > 0
+    stripped = sitk.GetImageFromArray(np.where(brain, sitk.GetArrayFromImage(image), 0).astype(np.float32))
+    stripped.CopyInformation(image)
+    mask, method = extract_brain(stripped)
+    assert method == "already stripped"
+    assert np.array_equal(sitk.GetArrayFromImage(mask) > 0, stripped_region(stripped))
+    assert mask.GetSize() == image.GetSize() and mask.GetDirection() == image.GetDirection()
+    _, method = extract_brain(image)  # the same brain with its noisy background: the network's mask
+    assert method == "network"
+
+
+@pytest.mark.parametrize("kind", ["noise", "ellipsoid"])
+def test_noise_and_phantoms_are_still_refused(kind):
+    from cradl.preprocess import DEFAULT_NORMALISATION, prepare_scan
+    from cradl.space import ReferenceSpace
+
+    rng = np.random.default_rng(0)
+    if kind == "noise":
+        array = rng.normal(100, 30, (60, 80, 80))
+    else:  # a uniform ellipsoid with a little noise: brain-sized, but no anatomy
+        z, y, x = np.mgrid[:60, :80, :80]
+        array = np.where(((z - 30) / 24) ** 2 + ((y - 40) / 32) ** 2 + ((x - 40) / 28) ** 2 < 1, 500.0, 0.0)
+        array += rng.normal(0, 5, array.shape)
+    image = sitk.GetImageFromArray(array.astype(np.float32))
+    image.SetSpacing((2.0, 2.0, 2.0))
+    with pytest.raises(InputError, match="brain"):
+        prepare_scan(image, ReferenceSpace.from_mni(64, 3.0), DEFAULT_NORMALISATION, 0.15)
+
+
+def test_typicality_flags_scans_unlike_every_normal_one():
+    rng = np.random.default_rng(0)
+    fitted = fit_typicality([rng.normal(0, 1, 60) for _ in range(20)])
+    assert fitted["limit"] >= 1.5
+    calibration = {"typicality": fitted}
+    lesion = np.concatenate([rng.normal(0, 1, 50), np.full(10, 8.0)])  # a few slices very high: a finding
+    elsewhere = rng.normal(4.0, 1, 60)  # every slice high: another kind of scan
+    assert not assess(lesion, calibration)["out_of_distribution"]
+    assert assess(elsewhere, calibration)["out_of_distribution"]
+    assert assess(lesion, {}) is None  # older bundles: no claim either way
+
+
+def test_recorded_split_is_by_subject_disjoint_and_reproducible():
+    recorded = json.loads(realdata.SPLIT_FILE.read_text())
+    groups = recorded["groups"]
+    ids = [i for g in groups.values() for i in g]
+    assert len(ids) == len(set(ids)) == recorded["n_subjects"]
+    assert len(groups["test"]) >= 30
+    assert realdata.make_split(sorted(ids), recorded["seed"]) == groups
+
+
+@needs_real_data
+def test_recorded_split_covers_the_shared_subjects():
+    assert sorted(s.id for s in realdata.ixi_subjects()) == sorted(i for g in realdata.recorded_split().values()
+                                                                   for i in g)
+
+
+@needs_real_data
+def test_brain_extraction_of_a_held_out_head_with_skull_matches_its_label_mask():
+    subject = realdata.subjects_in("test")[0]
+    image = sitk.ReadImage(str(subject.t1))
+    mask, method = extract_brain(image)
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(subject.labels))) > 0
+    assert method == "network"
+    assert dice(sitk.GetArrayFromImage(mask) > 0, labels) >= 0.95
+
+
+@needs_real_data
+def test_a_head_with_skull_is_accepted_and_aligned_to_the_template():
+    from cradl import AnomalyDetector
+
+    detector = AnomalyDetector.load(device="cpu")
+    subject = realdata.subjects_in("test")[1]
+    prepared = detector.prepare(sitk.ReadImage(str(subject.t1)))
+    template_brain = sitk.GetArrayFromImage(detector.space.template_mask) > 0
+    assert prepared.brain_extraction == "network"
+    assert dice(prepared.mask, template_brain) >= 0.85  # the subject's brain over the template's, after affine
+    assert prepared.t1_likeness > 0.3
+
+
+@needs_real_data
+def test_a_real_stroke_shape_is_painted_into_the_brain_as_a_dark_lesion():
+    from cradl.evaluate.realset import paint_infarct, stroke_library
+    from cradl.preprocess import DEFAULT_NORMALISATION, brain_only
+    from cradl.space import ReferenceSpace
+
+    subject = realdata.subjects_in("test")[2]
+    image = sitk.ReadImage(str(subject.t1), sitk.sitkFloat32)
+    before = sitk.GetArrayFromImage(image).copy()
+    brain = sitk.GetArrayFromImage(sitk.ReadImage(str(subject.labels))) > 0
+    space = ReferenceSpace.from_mni(64, 3.0)
+    brain_image = sitk.GetImageFromArray(brain.astype(np.uint8))
+    brain_image.CopyInformation(image)
+    to_scan = space.align(brain_only(image, brain_image, DEFAULT_NORMALISATION, 3.0))
+    shape, _ = stroke_library(min_ml=5.0)[0]
+    painted, lesion = paint_infarct(image, sitk.ReadImage(str(shape)), to_scan.GetInverse(), brain,
+                                    np.random.default_rng(0))
+    after = sitk.GetArrayFromImage(painted)
+    assert np.array_equal(sitk.GetArrayFromImage(image), before)  # input untouched
+    assert lesion.sum() > 100 and not (lesion & ~brain).any()
+    assert after[lesion].mean() < 0.8 * before[lesion].mean()
+    assert np.allclose(after[~brain], before[~brain])
