@@ -52,3 +52,14 @@ def test_a_second_install_while_one_runs_is_refused():
 
     installer.install(D.installPlan(["torch"], pyTorchExtension=False), pipInstall)
     assert len(started) == 1 and not installer.busy
+
+
+def test_brain_extraction_is_installed_after_torch_with_the_core_pin():
+    missing = D.missingPackages(lambda name: None if name in ("torch", "deepbet") else object())
+    assert missing == ["torch", "deepbet"]  # deepbet needs torch: pip must find it already there
+    calls = []
+    D.Installer().install(D.installPlan(missing, pyTorchExtension=True), calls.append, lambda r: object())
+    assert calls == [D.DEEPBET_REQUIREMENT]
+    requirements = (Path(__file__).resolve().parents[1] / "requirements.txt").read_text().split()
+    assert D.DEEPBET_REQUIREMENT in requirements
+    assert "brain extraction" in D.confirmationText(D.installPlan(missing, pyTorchExtension=True))

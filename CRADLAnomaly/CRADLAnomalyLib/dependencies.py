@@ -30,6 +30,11 @@ TORCH_VERSION_REQUIREMENT = ">=2.0"
 TORCH_REQUIREMENT = "torch" + TORCH_VERSION_REQUIREMENT
 TORCH_CPU_INDEX_URL = "https://download.pytorch.org/whl/cpu"
 
+# Brain extraction for heads with skull (the core's cradl.brain): deepbet, pinned as in requirements.txt.
+# It needs torch, so it is installed after it (pip then finds torch satisfied and leaves it alone).
+DEEPBET_REQUIREMENT = "deepbet==1.0.2"
+DEEPBET_DOWNLOAD_MB = 35  # the wheel (10 MB, network weights inside) and pandas, fill_voids, cc3d
+
 # Approximate download sizes, for the prompt (PyTorch 2.x wheels, 2024-2025).
 TORCH_CPU_DOWNLOAD_MB = 200
 TORCH_CUDA_DOWNLOAD_MB = 2500
@@ -44,9 +49,9 @@ class Step:
 
 
 def missingPackages(findSpec=importlib.util.find_spec) -> list:
-    """Import names of the core's packages that are not importable (torch; numpy, scipy and
-    SimpleITK come with Slicer but are checked too)."""
-    return [name for name in ("torch", "numpy", "scipy", "SimpleITK") if findSpec(name) is None]
+    """Import names of the core's packages that are not importable (torch and deepbet; numpy, scipy and
+    SimpleITK come with Slicer but are checked too), in install order."""
+    return [name for name in ("torch", "deepbet", "numpy", "scipy", "SimpleITK") if findSpec(name) is None]
 
 
 def installPlan(missing, pyTorchExtension: bool) -> list:
@@ -60,6 +65,9 @@ def installPlan(missing, pyTorchExtension: bool) -> list:
                 steps.append(Step("torch", TORCH_REQUIREMENT, "PyTorch extension", size))
             else:
                 steps.append(Step("torch", TORCH_REQUIREMENT, "pip (CPU build)", f"about {TORCH_CPU_DOWNLOAD_MB} MB"))
+        elif name == "deepbet":
+            steps.append(Step("deepbet", DEEPBET_REQUIREMENT, "pip", f"about {DEEPBET_DOWNLOAD_MB} MB "
+                              "(brain extraction for scans with skull)"))
         else:
             minimum = CORE_MINIMUM.get(name)
             steps.append(Step(name, f"{name}>={minimum}" if minimum else name, "pip", "a few tens of MB"))
