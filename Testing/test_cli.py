@@ -56,21 +56,28 @@ def test_scores_only(tiny_model, sample_case, tmp_path):
     assert json.loads((tmp_path / "r.json").read_text())["regions"] == []
 
 
+def _scan(array):
+    """An image large enough to pass the brain-size checks (64 mm along each axis)."""
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing((2.0, 2.0, 2.0))
+    return image
+
+
 def _bad_inputs(tmp_path):
     text = tmp_path / "inputs" / "notes.nii.gz"
     text.parent.mkdir()
     text.write_text("not an image")
     flat = tmp_path / "inputs" / "flat.nii.gz"
-    sitk.WriteImage(sitk.GetImageFromArray(np.ones((20, 20, 20), np.float32)), str(flat))
+    sitk.WriteImage(_scan(np.ones((32, 32, 32), np.float32)), str(flat))
     two_d = tmp_path / "inputs" / "slice.nii.gz"
     sitk.WriteImage(sitk.GetImageFromArray(np.random.rand(64, 64).astype(np.float32)), str(two_d))
     four_d = tmp_path / "inputs" / "series.nii.gz"
     vol = sitk.GetImageFromArray(np.random.rand(20, 20, 20).astype(np.float32))
     sitk.WriteImage(sitk.JoinSeries([vol, vol]), str(four_d))
     nan = tmp_path / "inputs" / "nan.nrrd"
-    array = np.random.rand(20, 20, 20).astype(np.float32)
+    array = np.random.rand(32, 32, 32).astype(np.float32)
     array[5, 5, 5] = np.nan
-    sitk.WriteImage(sitk.GetImageFromArray(array), str(nan))
+    sitk.WriteImage(_scan(array), str(nan))
     return {"missing": (tmp_path / "inputs" / "none.nii.gz", "not found"), "text": (text, "not a readable image"),
             "constant": (flat, "constant"), "2d": (two_d, "3D volume"), "4d": (four_d, "4D"),
             "nan": (nan, "NaN")}
@@ -150,8 +157,11 @@ def test_batch_outputs_of_same_named_scans_do_not_overwrite_each_other():
 
     from cradl.cli import _unique_stems
 
-    paths = [Path("site1/scan.nii.gz"), Path("site1/scan.nrrd"), Path("other.mha"), Path("site2/scan.mha")]
-    assert _unique_stems(paths) == ["scan", "scan_2", "other", "scan_3"]
+    paths = [Path("site1/scan.nii.gz"), Path("site1/scan.nrrd"), Path("other.mha"), Path("site2/scan.mha"),
+             Path("site1/scan_2.nii.gz")]
+    assert _unique_stems(paths) == ["scan", "scan_nrrd", "other", "scan_mha", "scan_2"]
+    assert _unique_stems([Path("a/scan.nii.gz"), Path("b/scan.nii.gz")]) == ["scan", "scan_nii_gz"]
+    assert _unique_stems([Path("a/s.nii"), Path("b/s.nii"), Path("c/s.nii")]) == ["s", "s_nii", "c_s"]
 
 
 def _folder_of(paths, folder):

@@ -342,3 +342,67 @@ def test_a_damaged_dicom_series_is_refused_not_read_on_a_wrong_grid(tmp_path, da
         (folder / "b.dcm").symlink_to(folder / "a.dcm")
     with pytest.raises(InputError, match=message):
         read_image(folder)
+
+
+# ---------------------------------------------------------------- issue 11: writes verified before the rename
+
+def _file_size_limit(limit):
+    import contextlib
+    import resource
+
+    @contextlib.contextmanager
+    def limited():  # `ulimit -f`: Python ignores SIGXFSZ, so writes past it fail with EFBIG
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+        try:
+            yield
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+    return limited()
+
+
+@pytest.mark.parametrize("name", ["h.nii.gz", "h.nii", "h.nrrd", "h.mha", "r.json"])
+def test_a_full_disk_is_an_output_error_and_leaves_nothing(tmp_path, name):
+    """Item 5: ITK printed "wrote only 0" and carried on; the truncated .nii.gz was kept with exit 0."""
+    from cradl.errors import OutputError
+    from cradl.io import write_image
+
+    with _file_size_limit(32 * 1024):
+        with pytest.raises(OutputError, match=f"{name}"):
+            if name.endswith(".json"):
+                write_json({"x": "y" * 100_000}, tmp_path / name)
+            else:
+                write_image(volume(), tmp_path / name)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_image_written_with_another_geometry_is_refused(tmp_path, monkeypatch):
+    """A heatmap is always written with the input's exact geometry: the written header is compared."""
+    from cradl.errors import OutputError
+    from cradl.io import write_image
+
+    real = sitk.WriteImage
+
+    def shifted(image, path, *args):
+        moved = sitk.Image(image)
+        moved.SetOrigin([v + 1.0 for v in image.GetOrigin()])
+        real(moved, path, *args)
+
+    monkeypatch.setattr(sitk, "WriteImage", shifted)
+    with pytest.raises(OutputError, match="exact geometry"):
+        write_image(volume(), tmp_path / "h.nii.gz")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_250_byte_name_gets_a_temporary_the_file_system_allows(tmp_path):
+    from cradl.errors import OutputError
+
+    name = "h" * 243 + ".nii.gz"
+    with atomic_path(tmp_path / name) as tmp:
+        assert len(tmp.name.encode()) <= 255 and tmp.name.endswith(".nii.gz")
+        tmp.write_bytes(b"data")
+    assert [p.name for p in tmp_path.iterdir()] == [name]
+    with pytest.raises(OutputError, match="file name too long"):
+        with atomic_path(tmp_path / ("h" * 300 + ".json")):
+            pass

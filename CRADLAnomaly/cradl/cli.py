@@ -8,14 +8,26 @@ import argparse
 import concurrent.futures
 import logging
 import os
+import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
 
-from .errors import CradlError, InputError
-from .io import IMAGE_SUFFIXES, atomic_files, is_image_path, read_image, write_image, write_json
+from .errors import CradlError, InputError, OutputError
+from .io import (IMAGE_SUFFIXES, atomic_files, check_output_path, is_image_path, read_image, same_geometry,
+                 stderr_lock, write_image, write_image_to, write_json_to, writing)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_TERMINATED = 128 + signal.SIGTERM
+
+
+class _Terminated(BaseException):
+    """Raised in the main thread on SIGTERM, so every `finally` (temporary files) runs as on Ctrl-C."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
 
 
 class _Parser(argparse.ArgumentParser):
@@ -30,19 +42,37 @@ def main(argv=None) -> int:
     if getattr(args, "quiet", False):
         for handler in logging.getLogger().handlers:
             handler.setLevel(logging.WARNING)  # the console only: a --log file still gets every epoch
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
     try:
         return args.run(args) or EXIT_OK
     except CradlError as exc:
-        print(f"cradl: error: {exc}", file=sys.stderr)
+        print(f"cradl: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("cradl: interrupted; no partial output was kept", file=sys.stderr)
         return 130
+    except _Terminated:
+        print("cradl: terminated; no partial output was kept", file=sys.stderr)
+        return EXIT_TERMINATED
+    except BrokenPipeError:  # `cradl info | head`: the reader left; nothing to say
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_FAILED
     except Exception as exc:  # a bug, not a user error: say so in one line unless debugging
         if os.environ.get("CRADL_DEBUG"):
             traceback.print_exc()
-        print(f"cradl: internal error: {type(exc).__name__}: {exc} (set CRADL_DEBUG=1 for details)", file=sys.stderr)
+        print(f"cradl: internal error: {type(exc).__name__}: {_one_line(exc)} (set CRADL_DEBUG=1 for details)",
+              file=sys.stderr)
         return EXIT_FAILED
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 600 else text[:300] + "..." + text[-297:]  # long paths: keep the reason
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(sub)
     from .evaluate import commands as evaluate_commands, speed
     evaluate_commands.register(sub)
+    evaluate_commands.register_real(sub)
     speed.add_parser(sub)
     return parser
 
@@ -77,6 +108,10 @@ def _add_detect(sub):
     p.add_argument("--mask", help="brain mask for the input (instead of the template's)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--no-heatmap", action="store_true", help="scores only (faster): no heatmap, regions or PNG")
+    p.add_argument("--workers", type=int, help="batch mode on a local Dask cluster of N worker processes "
+                   "(resumable; writes summary.csv, summary.json and worklist.html)")
+    p.add_argument("--scheduler", help="batch mode on an existing Dask cluster at this scheduler address "
+                   "(e.g. tcp://host:8786; workers must see the inputs, --out-dir and the model)")
     p.add_argument("--quiet", action="store_true", help="no progress bar, only errors")
     p.set_defaults(run=run_detect)
 
@@ -108,16 +143,6 @@ def scan_stem(path: Path) -> str:
     return name
 
 
-def _check_writable(path: str | None) -> None:
-    if path is None:
-        return
-    parent = Path(path).resolve().parent
-    if not parent.is_dir():
-        raise CradlError(f"cannot write {path}: folder {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise CradlError(f"cannot write {path}: folder {parent} is not writable")
-
-
 def run_detect(args) -> int:
     from .detector import AnomalyDetector
 
@@ -130,12 +155,31 @@ def run_detect(args) -> int:
         raise CradlError("say where to write results: --heatmap, --report, --png or --out-dir")
     if args.no_heatmap and (args.heatmap or args.png):
         raise CradlError("--no-heatmap computes scores only; drop --heatmap/--png")
-    for out in (args.heatmap, args.report, args.png):
-        _check_writable(out)
-    if batch:
+    protected = _protected_files([("input", p) for p in paths] + ([("--mask", Path(args.mask))] if args.mask else [])
+                                 + [("--model", _model_path(args.model))])
+    if not batch:
+        outputs = [(flag, Path(value)) for flag, value in
+                   (("--heatmap", args.heatmap), ("--report", args.report), ("--png", args.png)) if value]
+        for _, out in outputs:
+            check_output_path(out)
+        refuse_clashes(outputs, protected)
+        plan = None
+    else:
         out_dir = Path(args.out_dir or ".")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        _check_writable(str(out_dir / "x"))
+        if out_dir.exists() and not out_dir.is_dir():
+            raise OutputError(f"--out-dir {out_dir} is a file, not a folder")
+        with writing(out_dir):
+            out_dir.mkdir(parents=True, exist_ok=True)
+        check_output_path(out_dir / "x")
+        plan = _batch_plan(paths, out_dir, args.no_heatmap, protected)
+    if args.workers is not None or args.scheduler:
+        if not batch:
+            raise CradlError("--workers and --scheduler run batch mode: use --out-dir instead of --heatmap/--report/--png")
+        from .batch import run_dask_batch
+
+        return run_dask_batch(paths, plan, out_dir, model=args.model, device=args.device, mask=args.mask,
+                              no_heatmap=args.no_heatmap, scheduler=args.scheduler, workers=args.workers,
+                              quiet=args.quiet)
     mask = read_image(args.mask, what="brain mask") if args.mask else None
     detector = AnomalyDetector.load(args.model, device=args.device)
     if not batch:
@@ -144,7 +188,56 @@ def run_detect(args) -> int:
         _write_outputs(result, image, args.heatmap, args.report, args.png)
         _print_summary(paths[0], result)
         return EXIT_OK
-    return _run_batch(detector, paths, mask, args, out_dir)
+    return _run_batch(detector, paths, mask, args, out_dir, plan)
+
+
+def _model_path(model) -> Path:
+    from .bundle import DEFAULT_MODEL
+
+    return Path(model) if model else DEFAULT_MODEL
+
+
+def _protected_files(named: list[tuple[str, Path]]) -> list[tuple[str, Path]]:
+    """Files no output may replace: inputs (with the members of DICOM folders and detached data files), mask, model."""
+    files = []
+    for label, path in named:
+        files.append((label, path))
+        if path.is_dir():
+            try:
+                files += [(label, member) for member in path.iterdir()]
+            except OSError:
+                pass
+        elif path.name.lower().endswith((".mhd", ".nhdr")):
+            try:
+                from .io import inspect_image_file
+
+                data = inspect_image_file(path).data_file
+                if data is not None:
+                    files.append((label, data))
+            except CradlError:
+                pass
+    return files
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """The same file however spelled: one real path (links, '..', '.'), or one inode (hard links)."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def refuse_clashes(outputs: list[tuple[str, Path]], protected: list[tuple[str, Path]]) -> None:
+    """An output may neither replace a protected file (an input, the mask, the model) nor another output."""
+    for i, (label, out) in enumerate(outputs):
+        for what, path in protected:
+            if _same_file(out, path):
+                raise OutputError(f"{label} {out} is the {what} {path}; it would be overwritten: choose another name")
+        for other, earlier in outputs[:i]:
+            if _same_file(out, earlier):
+                raise OutputError(f"{other} and {label} name the same file {out}; give each output its own name")
 
 
 def _detect_one(detector, path, image, mask, args, progress: bool):
@@ -169,16 +262,32 @@ def _write_outputs(result, image, heatmap_path, report_path, png_path) -> None:
     """Write what was asked for, all or nothing."""
     from .quicklook import write_quicklook
 
+    if (heatmap_path or png_path) and not same_geometry(result.heatmap, image):
+        raise RuntimeError("the heatmap's grid differs from the scan's; nothing was written")
     with atomic_files() as files:
         if heatmap_path:
-            write_image(result.heatmap, files.path(heatmap_path))
+            write_image_to(result.heatmap, files.path(heatmap_path), heatmap_path)
         if png_path:
             top = result.regions[0].centre_ras if result.regions else None
-            write_quicklook(image, result.heatmap, files.path(png_path), top, result.threshold,
-                            title=f"percentile {result.volume_percentile:.0f}")
+            tmp = files.path(png_path)
+            with writing(png_path):
+                write_quicklook(image, result.heatmap, tmp, top, result.threshold,
+                                title=f"percentile {result.volume_percentile:.0f}")
+            _verify_png(tmp, png_path)
         if report_path:
-            write_json(result.to_report(), files.path(report_path))
+            write_json_to(result.to_report(), files.path(report_path), report_path)
         files.commit()
+
+
+def _verify_png(written: Path, final) -> None:
+    from PIL import Image
+
+    try:
+        with Image.open(written) as picture:
+            picture.load()
+    except (OSError, SyntaxError, ValueError):
+        raise OutputError(f"writing {final} failed: the file on disk is incomplete (disk full or over the file "
+                          "size limit?)") from None
 
 
 def _print_summary(path: Path, result) -> None:
@@ -193,49 +302,99 @@ def _print_summary(path: Path, result) -> None:
 
 
 def _unique_stems(paths: list[Path]) -> list[str]:
-    """Output names per input; scan.nii.gz and scan.nrrd must not overwrite each other's results."""
-    seen: dict[str, int] = {}
+    """Output names per input that cannot collide: a repeated name takes its format (scan.nrrd -> scan_nrrd),
+    then its folder (site2/scan.mha -> site2_scan), then a number; a name taken this way is never another
+    input's own name (scan_2.nii.gz keeps "scan_2")."""
+    own = {scan_stem(p).lower() for p in paths}
+    used: set[str] = set()
     stems = []
     for path in paths:
         stem = scan_stem(path)
-        seen[stem] = seen.get(stem, 0) + 1
-        stems.append(stem if seen[stem] == 1 else f"{stem}_{seen[stem]}")
+        fmt = path.name[len(stem):].lstrip(".").replace(".", "_") or "dir"
+        candidates = [stem, f"{stem}_{fmt}", f"{path.parent.name}_{stem}" if path.parent.name else stem]
+        choice = next((c for i, c in enumerate(candidates) if c.lower() not in used
+                       and (i == 0 or c.lower() not in own)), None)
+        k = 2
+        while choice is None:
+            c = f"{stem}_{k}"
+            if c.lower() not in used and c.lower() not in own:
+                choice = c
+            k += 1
+        used.add(choice.lower())
+        stems.append(choice)
     return stems
 
 
-def _run_batch(detector, paths, mask, args, out_dir: Path) -> int:
-    """One model, many scans; the next scan is read while the current one is processed."""
+_BATCH_SUFFIXES = {"heatmap": "_heatmap.nii.gz", "report": "_report.json", "png": ".png"}
+
+
+def _batch_plan(paths: list[Path], out_dir: Path, no_heatmap: bool, protected) -> list[dict[str, Path]]:
+    """Every scan's output paths: distinct from each other and from every input, the mask and the model,
+    and short enough for the file system."""
+    from .io import _name_max
+
+    limit = _name_max(out_dir) - max(len(s.encode()) for s in _BATCH_SUFFIXES.values())
+    kinds = ["report"] if no_heatmap else ["heatmap", "report", "png"]
+    used: set[str] = set()
+    plan = []
+    for stem in _unique_stems(paths):
+        stem = stem.encode()[:limit].decode("utf-8", "ignore")
+        candidate, k = stem, 1
+        while True:
+            outputs = {kind: out_dir / f"{candidate}{_BATCH_SUFFIXES[kind]}" for kind in kinds}
+            if not any(o.name.lower() in used for o in outputs.values()) and not any(
+                    _same_file(o, p) for o in outputs.values() for _, p in protected):
+                break
+            k += 1
+            candidate = f"{stem.encode()[:limit - 8].decode('utf-8', 'ignore')}_out{k}"
+        used.update(o.name.lower() for o in outputs.values())
+        plan.append(outputs)
+    return plan
+
+
+def _say_error(message: str) -> None:
     from tqdm import tqdm
 
-    failures, stems = [], _unique_stems(paths)
+    with stderr_lock():  # a reading thread may be capturing library messages on fd 2
+        tqdm.write(message, file=sys.stderr)
+
+
+def _run_batch(detector, paths, mask, args, out_dir: Path, plan) -> int:
+    """One model, many scans; the next scan is read while the current one is processed. A scan that fails
+    (bad input, full disk, anything) is reported and the batch goes on."""
+    from tqdm import tqdm
+
+    failures = []
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as reader:
         pending = reader.submit(read_image, paths[0])
         for i, path in enumerate(tqdm(paths, desc="scans", unit="scan", disable=args.quiet)):
             try:
-                image = pending.result()
-            except CradlError as exc:
+                image, error = pending.result(), None
+            except Exception as exc:  # noqa: BLE001 - reported with the scan, below
                 image, error = None, exc
             if i + 1 < len(paths):
                 pending = reader.submit(read_image, paths[i + 1])
             try:
-                if image is None:
+                if error is not None:
                     raise error
                 result = _detect_one(detector, path, image, mask, args, progress=False)
-                stem = stems[i]
-                heatmap = None if args.no_heatmap else out_dir / f"{stem}_heatmap.nii.gz"
-                png = None if args.no_heatmap else out_dir / f"{stem}.png"
-                _write_outputs(result, image, heatmap, out_dir / f"{stem}_report.json", png)
+                out = plan[i]
+                _write_outputs(result, image, out.get("heatmap"), out["report"], out.get("png"))
                 if not args.quiet:
                     tqdm.write(f"{path.name}: percentile {result.volume_percentile:.1f}, "
-                               f"{len(result.regions)} region(s)")
+                               f"{len(result.regions)} region(s) -> {out['report'].name}")
             except CradlError as exc:
-                failures.append((path, str(exc)))
-                tqdm.write(f"{path.name}: FAILED: {exc}", file=sys.stderr)
+                failures.append((path, _one_line(exc)))
+                _say_error(f"{path.name}: FAILED: {_one_line(exc)}")
+            except Exception as exc:  # noqa: BLE001 - a bug on one scan must not cost the others
+                failures.append((path, f"internal error: {type(exc).__name__}: {_one_line(exc)}"))
+                _say_error(f"{path.name}: FAILED: internal error: {type(exc).__name__}: {_one_line(exc)}")
     print(f"{len(paths) - len(failures)} of {len(paths)} scans done; results in {out_dir}")
     if failures:
-        print(f"cradl: error: {len(failures)} scan(s) failed:", file=sys.stderr)
-        for path, message in failures:
-            print(f"  {path}: {message}", file=sys.stderr)
+        with stderr_lock():
+            print(f"cradl: error: {len(failures)} scan(s) failed:", file=sys.stderr)
+            for path, message in failures:
+                print(f"  {path}: {message}", file=sys.stderr)
         return EXIT_USAGE
     return EXIT_OK
 
@@ -250,7 +409,47 @@ def _add_normals_and_bundle_out(p):
 def _check_bundle_out(path: str) -> None:
     if not path.endswith(".cradl"):
         raise CradlError("--out must end with .cradl")
-    _check_writable(path)
+    check_output_path(path)
+
+
+def _normal_scans(folders) -> list[Path]:
+    from .train.trainer import find_scans
+
+    return find_scans(folders)
+
+
+def _check_resume_files(out: Path) -> None:
+    """A resume checkpoint or preparation cache that is not ours (a planted pickle, a damaged file) is
+    refused with one line; torch.load(weights_only=True) never runs a pickle's payload."""
+    import zipfile
+
+    import numpy as np
+    import torch
+
+    checkpoint = out.with_suffix(".ckpt")
+    if checkpoint.exists():
+        try:
+            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any failure means the same to the user
+            raise InputError(f"cannot resume from {checkpoint}: not a checkpoint written by cradl train "
+                             f"({type(exc).__name__}); delete it or pass --no-resume") from None
+        needed = {"encoder", "head", "optimiser", "schedule", "history", "epoch", "steps_per_epoch", "epochs"}
+        if not isinstance(state, dict) or not needed <= set(state):
+            raise InputError(f"cannot resume from {checkpoint}: it lacks the training state; "
+                             "delete it or pass --no-resume")
+    cache = out.with_suffix(".prep.npz")
+    if cache.exists():
+        try:
+            with zipfile.ZipFile(cache) as archive:
+                for info in archive.infolist():
+                    with archive.open(info) as member:
+                        version = np.lib.format.read_magic(member)
+                        _, _, dtype = np.lib.format._read_array_header(member, version)
+                    if dtype.hasobject:
+                        raise ValueError("object array")
+        except Exception as exc:  # noqa: BLE001
+            raise InputError(f"cannot use the preparation cache {cache}: not written by cradl train "
+                             f"({type(exc).__name__}); delete it or pass --no-resume") from None
 
 
 def _add_train(sub):
@@ -291,8 +490,18 @@ def run_train(args) -> int:
     from .train.trainer import TrainConfig, train_model
 
     _check_bundle_out(args.out)
+    out = Path(args.out)
+    protected = _protected_files([("normal scan", p) for p in _normal_scans(args.normal)])
+    outputs = [("--out", out), ("checkpoint", out.with_suffix(".ckpt")), ("cache", out.with_suffix(".prep.npz"))]
     if args.log:
-        handler = logging.FileHandler(args.log)
+        check_output_path(args.log)
+        outputs.append(("--log", Path(args.log)))
+    refuse_clashes(outputs, protected)
+    if not args.no_resume:
+        _check_resume_files(out)
+    if args.log:
+        with writing(args.log):
+            handler = logging.FileHandler(args.log)
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
         logging.getLogger("cradl").addHandler(handler)
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, slice_size=args.slice_size,
@@ -328,6 +537,9 @@ def run_calibrate(args) -> int:
     from .train.trainer import recalibrate_model
 
     _check_bundle_out(args.out)
+    protected = _protected_files([("normal scan", p) for p in _normal_scans(args.normal)]
+                                 + [("--model", _model_path(args.model))])
+    refuse_clashes([("--out", Path(args.out))], protected)
     overrides = None
     if args.smoothing:
         if min(args.smoothing) < 0:
@@ -383,7 +595,9 @@ def run_synth_anomalies(args) -> int:
 # ---------------------------------------------------------------------------- info, demo
 
 def _add_info(sub):
-    p = sub.add_parser("info", help="show a model bundle's manifest summary")
+    p = sub.add_parser("info", help="show a model bundle's manifest summary and fingerprint",
+                       description="The fingerprint (sha256 of the manifest, which lists every array's sha256) "
+                       "identifies the bundle's whole content: compare it with one published by a source you trust.")
     p.add_argument("--model", help="model bundle; default: the bundled model")
     p.set_defaults(run=run_info)
 
@@ -393,9 +607,11 @@ def run_info(args) -> int:
 
     from .bundle import load_bundle
 
-    m = load_bundle(args.model).manifest
-    summary = {k: m[k] for k in ("name", "version", "description", "created", "gmm", "reference")}
-    summary["training"] = {k: v for k, v in m["training"].items() if k != "loss_per_epoch"}
+    bundle = load_bundle(args.model)
+    m = bundle.manifest
+    summary = {"fingerprint": bundle.fingerprint}
+    summary.update({k: m[k] for k in ("name", "version", "description", "created", "gmm", "reference") if k in m})
+    summary["training"] = {k: v for k, v in m.get("training", {}).items() if k not in ("loss_per_epoch", "data_split")}
     summary["localization"] = m["localization"]
     calibration = m["calibration"]
     summary["calibration"] = {"volume_aggregate": calibration.get("volume_aggregate"),
@@ -404,48 +620,50 @@ def run_info(args) -> int:
                               "min_region_mm3": calibration.get("min_region_mm3")}
     if "recalibrations" in m:
         summary["recalibrations"] = m["recalibrations"]
+    summary["format_version"] = m["format_version"]
     print(json.dumps(summary, indent=1))
     return EXIT_OK
 
 
 def _add_demo(sub):
-    p = sub.add_parser("demo", help="generate a sample abnormal scan and run detection on it")
+    p = sub.add_parser("demo", help="run detection on the bundled sample scan (a real T1 head with a stroke lesion)")
     p.add_argument("--out-dir", default="demo_out")
     p.add_argument("--model", help="model bundle; default: the bundled model")
-    p.add_argument("--seed", type=int, default=2024, help="seed of the generated scan and lesion")
     p.set_defaults(run=run_demo)
 
 
-def run_demo(args) -> int:
-    import json
+SAMPLE_DIR = Path(__file__).resolve().parent.parent / "Resources" / "Samples"
+SAMPLE_SCAN, SAMPLE_LESION = SAMPLE_DIR / "ixi033_t1_stroke.nii.gz", SAMPLE_DIR / "ixi033_t1_stroke_lesion.nii.gz"
 
-    from .evaluate.anomalies import insert_anomaly
-    from .train.synthetic import make_normal_scan
+
+def run_demo(args) -> int:
+    """Detection on the bundled real sample: a held-out healthy T1 head with a real stroke shape painted in."""
+    import json
+    import shutil
+
     import numpy as np
+    import SimpleITK as sitk
 
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(args.seed)
-    image, labels = make_normal_scan(rng, contrast="t1")
-    abnormal, lesion = insert_anomaly(image, labels, "tumour", 30.0, rng, contrast="t1")
-    write_image(abnormal, out / "sample_scan.nii.gz")
-    write_image(lesion, out / "sample_lesion_mask.nii.gz")
-    print(f"sample abnormal scan (tumour-like lesion, 30 mm): {out / 'sample_scan.nii.gz'}")
+    shutil.copyfile(SAMPLE_SCAN, out / "sample_scan.nii.gz")
+    shutil.copyfile(SAMPLE_LESION, out / "sample_lesion_mask.nii.gz")
+    print(f"sample scan (real T1 head with skull, IXI033, with a real stroke lesion painted in): "
+          f"{out / 'sample_scan.nii.gz'}")
     argv = ["detect", str(out / "sample_scan.nii.gz"), "--heatmap", str(out / "sample_heatmap.nii.gz"),
             "--report", str(out / "sample_report.json"), "--png", str(out / "sample.png")]
     if args.model:
         argv += ["--model", args.model]
-    parsed = build_parser().parse_args(argv)
-    status = run_detect(parsed)
+    status = run_detect(build_parser().parse_args(argv))
     report = json.loads((out / "sample_report.json").read_text())
     if report["regions"]:
-        import SimpleITK as sitk
         from .regions import find_regions
 
         heatmap = sitk.ReadImage(str(out / "sample_heatmap.nii.gz"))
         _, labels = find_regions(heatmap, report["threshold"], report["min_region_mm3"])
-        overlap = np.logical_and(sitk.GetArrayViewFromImage(labels) == 1, sitk.GetArrayViewFromImage(lesion) > 0)
-        print(f"top region {'overlaps' if overlap.any() else 'misses'} the inserted lesion "
+        lesion = sitk.GetArrayViewFromImage(sitk.ReadImage(str(SAMPLE_LESION))) > 0
+        overlap = np.logical_and(sitk.GetArrayViewFromImage(labels) == 1, lesion)
+        print(f"top region {'overlaps' if overlap.any() else 'misses'} the painted lesion "
               f"({int(overlap.sum())} voxels in common)")
     print(f"wrote {out}/sample_heatmap.nii.gz, sample_report.json, sample.png")
     return status

@@ -265,6 +265,8 @@ def _locate_nifti(layout: ImageLayout, what: str) -> None:
                          f"(pixdim {', '.join(f'{v:g}' for v in pixdim)}); it would be read as 1 mm")
     layout.data_file = layout.path
     layout.offset = offset
+    # the stored type, not ITK's: ITK reads uint8 with a zero scl_slope as float32 (IXI files do)
+    layout.bytes_per_voxel = int(header["bitpix"]) // 8 or layout.bytes_per_voxel
     layout.encoding = "gzip" if layout.path.name.lower().endswith(".gz") else "raw"
     if layout.encoding == "gzip":  # the offset counts in the decompressed stream
         layout.offset, layout.inner_offset = 0, offset
@@ -582,6 +584,14 @@ def check_output_path(final: str | os.PathLike) -> Path:
     folder of that name, a name too long for the file system."""
     final = Path(final)
     parent = final.parent if str(final.parent) else Path(".")
+    with writing(final):
+        if len(final.name.encode()) > _name_max(parent):
+            raise OutputError(f"cannot write {final}: file name too long ({len(final.name.encode())} bytes, "
+                              f"at most {_name_max(parent)})")
+        return _check_output_path(final, parent)
+
+
+def _check_output_path(final: Path, parent: Path) -> Path:
     if not parent.is_dir():
         raise OutputError(f"cannot write {final}: folder {parent} does not exist")
     if not os.access(parent, os.W_OK):
@@ -590,9 +600,6 @@ def check_output_path(final: str | os.PathLike) -> Path:
         raise OutputError(f"cannot write {final}: it is a folder")
     if final.exists() and not final.is_file():
         raise OutputError(f"cannot write {final}: it exists and is not a regular file")
-    if len(final.name.encode()) > _name_max(parent):
-        raise OutputError(f"cannot write {final}: file name too long ({len(final.name.encode())} bytes, "
-                          f"at most {_name_max(parent)})")
     return final
 
 
@@ -667,12 +674,17 @@ def _umask() -> int:
 def write_image(image: sitk.Image, path: str | os.PathLike, compress: bool = True) -> None:
     """Write atomically; the file is re-read (header, geometry, every data byte) before it is renamed into place."""
     with atomic_path(path) as tmp:
-        with writing(path), captured_library_output() as messages:
-            try:
-                sitk.WriteImage(image, str(tmp), compress)
-            except RuntimeError as exc:
-                raise OutputError(f"cannot write {path}: {str(exc).strip().splitlines()[-1][:120]}") from None
-        verify_image_file(tmp, image, path, messages)
+        write_image_to(image, tmp, path, compress)
+
+
+def write_image_to(image: sitk.Image, tmp: Path, final: str | os.PathLike, compress: bool = True) -> None:
+    """Write `image` to the temporary path `tmp` (from AtomicFiles) and verify it; errors name `final`."""
+    with writing(final), captured_library_output() as messages:
+        try:
+            sitk.WriteImage(image, str(tmp), compress)
+        except RuntimeError as exc:
+            raise OutputError(f"cannot write {final}: {str(exc).strip().splitlines()[-1][:120]}") from None
+    verify_image_file(tmp, image, final, messages)
 
 
 def verify_image_file(written: Path, image: sitk.Image, final: str | os.PathLike, messages=()) -> None:
@@ -699,13 +711,20 @@ def verify_image_file(written: Path, image: sitk.Image, final: str | os.PathLike
                           "direction changed on writing); choose another format (.nrrd, .mha)")
 
 
-def write_json(data: dict, path: str | os.PathLike) -> None:
+def write_json(data: dict, path: str | os.PathLike, strict: bool = False) -> None:
+    with atomic_path(path) as tmp:
+        write_json_to(data, tmp, path, strict)
+
+
+def write_json_to(data: dict, tmp: Path, path: str | os.PathLike, strict: bool = True) -> None:
+    """Write JSON to the temporary path `tmp` and verify its length; errors name `path`. `strict`: valid JSON
+    only (NaN or Infinity refused), as reports must be; evaluation tables may hold NaN for undefined metrics."""
     try:
-        text = json.dumps(data, indent=2, allow_nan=False) + "\n"
+        text = json.dumps(data, indent=2, allow_nan=not strict) + "\n"
     except ValueError:
         raise OutputError(f"cannot write {path}: the data hold NaN or infinite numbers (is the model damaged?)") from None
     payload = text.encode("utf-8")
-    with atomic_path(path) as tmp, writing(path):
+    with writing(path):
         with open(tmp, "wb") as stream:
             stream.write(payload)
             stream.flush()
