@@ -246,7 +246,7 @@ def _connect(scheduler: str | None, workers: int | None):
         logging.getLogger(name).setLevel(logging.ERROR)
     if scheduler:
         try:
-            return Client(scheduler, timeout="10s"), None
+            return Client(scheduler, timeout="5s"), None
         except (OSError, TimeoutError, ValueError) as exc:
             raise InputError(f"cannot reach the Dask scheduler at {scheduler}: {_one_line(exc)}") from None
     cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,

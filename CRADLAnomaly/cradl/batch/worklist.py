@@ -43,7 +43,8 @@ _SCRIPT = """
     th.setAttribute('aria-sort',descending?'descending':'ascending');
   }
   table.querySelectorAll('th[data-sortable]').forEach(function(th){
-    th.addEventListener('click',function(){sortBy(th,th.getAttribute('aria-sort')!=='descending');});
+    th.addEventListener('click',function(){const now=th.getAttribute('aria-sort');
+      sortBy(th,now?now!=='descending':th.dataset.first!=='asc');});
   });
 })();
 """
@@ -107,7 +108,7 @@ def write_worklist(rows: list[dict], out_dir: Path, title: str = "CRADL triage w
 among the model's normal reference scans). Click a column header to re-sort. Research use only:
 not for diagnostic use. Written by cradl {html.escape(__version__)}.</p>
 <table id="worklist"><thead><tr>
-<th data-sortable>#</th><th data-sortable>scan</th><th data-sortable aria-sort="descending">percentile</th>
+<th data-sortable data-first="asc">#</th><th data-sortable data-first="asc">scan</th><th data-sortable aria-sort="descending">percentile</th>
 <th>score in words</th><th data-sortable>volume score</th><th data-sortable>regions</th><th>top region</th>
 <th>axial, coronal, sagittal</th><th>outputs</th></tr></thead>
 <tbody>
