@@ -23,15 +23,21 @@ SIZES = {  # name: (voxels x, y, z; spacing mm)
     "brain-1mm-half-slices": ((193, 229, 97), (1.0, 1.0, 2.0)),
     "brain-1mm-double-slices": ((193, 229, 386), (1.0, 1.0, 0.5)),
     "ct-512x512x400": ((512, 512, 400), (0.45, 0.45, 0.5)),
+    "head-1mm": ((240, 240, 180), (1.0, 1.0, 1.0)),  # a real head with skull and neck, where the data exist
 }
 
 
 def make_volume(name: str, seed: int = 0) -> sitk.Image:
-    """A synthetic normal brain resampled onto the grid of the named size, centred on the brain."""
+    """A normal brain resampled onto the grid of the named size, centred on it: for `head-1mm` a held-out
+    real IXI head with skull (when the shared data are here), else a synthetic normal brain."""
+    from .. import realdata
     from ..train.synthetic import make_normal_scan
 
     size, spacing = SIZES[name]
-    image, _ = make_normal_scan(np.random.default_rng(seed), contrast="t1")
+    if name.startswith("head") and realdata.available():
+        image = sitk.ReadImage(str(realdata.subjects_in("test")[seed].t1), sitk.sitkFloat32)
+    else:
+        image, _ = make_normal_scan(np.random.default_rng(seed), contrast="t1")
     grid = sitk.Image([int(s) for s in size], sitk.sitkFloat32)
     grid.SetSpacing(spacing)
     centre = np.array(image.TransformContinuousIndexToPhysicalPoint(np.array(image.GetSize()) / 2))
