@@ -292,7 +292,9 @@ def _verify_png(written: Path, final) -> None:
 
 def _print_summary(path: Path, result) -> None:
     print(f"{path.name}: volume score {result.volume_score:.2f}, percentile {result.volume_percentile:.1f} "
-          f"against normal scans ({result.to_report()['interpretation']})")
+          f"against normal scans ({result.interpretation})")
+    for warning in result.warnings:
+        print(f"  warning: {warning}")
     for region in result.regions[:5]:
         x, y, z = region.centre_ras
         print(f"  region {region.rank}: centre RAS ({x:.1f}, {y:.1f}, {z:.1f}) mm, "
