@@ -109,7 +109,7 @@ def prepare_all(paths: list[Path], space: ReferenceSpace, config: TrainConfig, c
             mask = read_image(masks[i], what="brain mask") if masks is not None else None
             scan = prepare_scan(read_image(path), space, config.normalisation, config.min_brain_fraction, mask=mask)
         except CradlError as exc:
-            raise InputError(f"cannot use normal scan {path}: {exc}") from None
+            raise InputError(f"cannot use normal scan {path}: {exc} (remove it from the normal scans)") from None
         prepared.append(PreparedScan(scan.volume.astype(np.float16).astype(np.float32), scan.mask, None,
                                      scan.slice_indices))
     if cache is not None:
