@@ -28,7 +28,7 @@ def train(cohort, out, *extra):
 def small_cohort(normal_cohort, tmp_path_factory):
     """Five normal scans: the fewest a training split accepts (1 training, 2 validation, 2 calibration)."""
     folder = tmp_path_factory.mktemp("ddp_normals")
-    for scan in sorted(normal_cohort.iterdir())[:5]:
+    for scan in sorted(normal_cohort.glob("*.nii.gz"))[:5]:
         shutil.copy(scan, folder / scan.name)
     return folder
 
@@ -62,15 +62,15 @@ def test_an_interrupted_two_process_run_resumes_from_its_checkpoint(ddp_model, s
     run, first = ddp_model
     assert run.returncode == 0, run.stderr
     out = tmp_path / "ddp.cradl"
-    shutil.copy(first.with_suffix(".prep.npz"), out.with_suffix(".prep.npz"))
     # the state a run killed after its first epoch leaves: a checkpoint at epoch 1 of 2
     state = torch.load(first.with_suffix(".ckpt"), weights_only=True)
     state.update(epoch=0, history=state["history"][:1])
+    steps = state["steps_per_epoch"]
+    state["schedule"].update(last_epoch=steps, _step_count=steps + 1)  # the learning-rate schedule one epoch in
     torch.save(state, out.with_suffix(".ckpt"))
     run = train(small_cohort, out, "--nproc", 2)
     assert run.returncode == 0, run.stderr
     assert "resuming from" in run.stderr and "at epoch 2" in run.stderr
-    assert "using cached preprocessed scans" in run.stderr
     from cradl.bundle import load_bundle
 
     history = load_bundle(out).manifest["training"]["loss_per_epoch"]

@@ -117,7 +117,8 @@ def build_parametric_map(sources: list, heat: np.ndarray, model: dict):
     pmap = hd.pm.ParametricMap(
         source_images=sources, pixel_array=heat, series_instance_uid=hd.UID(), series_number=9902,
         sop_instance_uid=hd.UID(), instance_number=1, contains_recognizable_visual_features=False,
-        real_world_value_mappings=[mapping], window_center=top / 2, window_width=top,
+        real_world_value_mappings=[mapping],
+        voi_lut_transformations=[hd.VOILUTTransformation(window_center=top / 2, window_width=top)],
         content_label="CRADLHEATMAP", content_description=f"CRADL anomaly heatmap; {DISCLAIMER}"[:64],
         **_equipment(model))
     pmap.SeriesDescription = f"CRADL anomaly heatmap - {DISCLAIMER}"
