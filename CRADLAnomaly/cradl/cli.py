@@ -482,6 +482,9 @@ def _add_train(sub):
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="train the encoder in N processes (PyTorch DistributedDataParallel; gloo on CPU, nccl on "
+                   "GPU); under torchrun the processes torchrun started are used")
     p.add_argument("--log", help="also append the training log to this file")
     p.add_argument("--quiet", action="store_true",
                    help="no progress bars or epoch lines on the console (--log still records every epoch)")
@@ -511,8 +514,18 @@ def run_train(args) -> int:
                          grid=args.grid, geometry=args.geometry,
                          learning_rate=args.learning_rate, gmm_components=tuple(args.components), name=args.name,
                          version=args.version, description=args.description, seed=args.seed)
-    out = train_model(args.normal, args.out, config, device=args.device, resume=not args.no_resume,
-                      progress=not args.quiet)
+    from .train.distributed import train_distributed, under_torchrun
+
+    if args.nproc < 1:
+        raise CradlError("--nproc must be at least 1")
+    if args.nproc > 1 or under_torchrun():
+        out = train_distributed(args.normal, args.out, config, nproc=args.nproc, device=args.device,
+                                resume=not args.no_resume, progress=not args.quiet)
+        if under_torchrun() and os.environ.get("RANK") != "0":
+            return EXIT_OK
+    else:
+        out = train_model(args.normal, args.out, config, device=args.device, resume=not args.no_resume,
+                          progress=not args.quiet)
     print(f"wrote {out}")
     return EXIT_OK
 
