@@ -57,6 +57,55 @@ def _run_mode(scans: list[Path], out: Path, extra: list[str], model: str | None)
     return result
 
 
+def resume_check(scans: list[Path], out: Path, model: str | None, workers: int = 2) -> dict:
+    """Kill one worker, then the whole run, part-way; rerun; count what was redone and check every output."""
+    import signal
+
+    import psutil
+
+    from .runner import DONE_FOLDER, make_tasks, read_valid_record
+    from ..cli import _batch_plan
+
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    command = [sys.executable, "-m", "cradl", "detect", *map(str, scans), "--out-dir", str(out), "--quiet",
+               "--workers", str(workers)] + (["--model", model] if model else [])
+    records = lambda: len(list((out / DONE_FOLDER).glob("*.json"))) if (out / DONE_FOLDER).is_dir() else 0  # noqa: E731
+    run = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    events = {}
+    try:
+        while records() < 2 and run.poll() is None:
+            time.sleep(0.2)
+        # LocalCluster's nannies live in the client process; each worker is a process they spawned
+        workers_now = [c for c in psutil.Process(run.pid).children(recursive=True)
+                       if "spawn_main" in " ".join(c.cmdline())]
+        if workers_now:
+            workers_now[0].kill()  # a worker (not its nanny) dies mid-scan
+            events["worker_killed_after_records"] = records()
+        while records() < len(scans) // 2 and run.poll() is None:
+            time.sleep(0.2)
+        events["run_killed_after_records"] = records()
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)  # the whole run: client, scheduler, nannies, workers
+        run.wait()
+    done_before = {p.name for p in (out / DONE_FOLDER).glob("*.json")}
+    started = time.perf_counter()
+    rerun = subprocess.run(command, capture_output=True, text=True)
+    rows = json.loads((out / "summary.json").read_text())["rows"]
+    plan = _batch_plan(scans, out, False, [])
+    tasks = make_tasks(scans, plan, model, "auto", None, False, None)
+    valid = sum(read_valid_record(t) is not None for t in tasks)
+    return {**events, "scans": len(scans), "finished_before_rerun": len(done_before),
+            "rerun_exit_status": rerun.returncode, "rerun_wall_s": round(time.perf_counter() - started, 1),
+            "rerun_reused": sum(bool(r["reused"]) for r in rows),
+            "rerun_computed": sum(not r["reused"] and r["status"] == "ok" for r in rows),
+            "finished_scans_redone": sum(not r["reused"] and Path(r["report"]).name in done_before for r in rows
+                                         if r.get("report")),
+            "outputs_valid_after_rerun": valid}
+
+
 def scheduler_overhead(n_tasks: int = 400) -> float:
     """Seconds of scheduling per task: no-op tasks through a 2-worker local cluster (after warm-up)."""
     from distributed import Client, LocalCluster
@@ -88,6 +137,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out-dir", required=True)
     parser.add_argument("--model")
     parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
+    parser.add_argument("--resume-check", action="store_true",
+                        help="instead: kill a worker and then the whole 2-worker run part-way, rerun, count")
     args = parser.parse_args(argv)
     from ..cli import _expand_inputs
 
@@ -97,6 +148,11 @@ def main(argv=None) -> int:
         return 2
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if args.resume_check:
+        record = resume_check(scans, out / "resume", args.model)
+        (out / "resume_check.json").write_text(json.dumps(record, indent=1) + "\n")
+        print(json.dumps(record, indent=1))
+        return 0
     results = {}
     for name in args.modes:
         print(f"{name}: {len(scans)} scans ...", flush=True)
