@@ -426,14 +426,20 @@ def test_cradl_results_are_not_inputs(rs):
         pipeline.inputImages(scene, res.heatmapNode)
 
 
-def test_summary_shows_the_cores_warnings_when_present():
-    base = {"volume_score": 1.0, "volume_percentile": 40.0, "regions": []}
-    assert "Warning" not in review.summarize(base)
-    text = review.summarize({**base, "warnings": ["The scan does not look like a brain MRI the model knows."]})
-    assert "Warning: The scan does not look like a brain MRI" in text
-    text = review.summarize({**base, "ood": {"flagged": True, "message": "Unusual contrast."}})
-    assert "Warning: Unusual contrast." in text
-    assert "Warning" not in review.summarize({**base, "ood": {"flagged": False, "message": "fine"}})
+def test_summary_says_not_comparable_and_shows_the_cores_warnings_for_an_unfamiliar_scan():
+    from cradl.detector import DetectionResult
+
+    def report(typical_z):
+        result = DetectionResult(9.0, 100.0, [], [], 2.0, 100.0, {"name": "m", "version": "1"},
+                                 typicality={"typical_z": typical_z, "limit": 2.5,
+                                             "out_of_distribution": typical_z > 2.5})
+        result.warnings = ["unlike the model's normal scans"] if result.out_of_distribution else []
+        return result.to_report()
+
+    familiar, unfamiliar = review.summarize(report(0.3)), review.summarize(report(6.0))
+    assert "highly unusual" in familiar and "Warning" not in familiar
+    assert "not comparable" in unfamiliar and "highly unusual" not in unfamiliar
+    assert "Warning: unlike the model's normal scans" in unfamiliar
 
 
 def test_summary_words():

@@ -225,7 +225,9 @@ def summarize(report: dict) -> str:
     percentile = float(report.get("volume_percentile", 0.0))
     score = float(report.get("volume_score", 0.0))
     regions = report.get("regions") or []
-    lines = [f"Whole scan: {percentileWords(percentile)} (score {score:.3g})."]
+    # the core's own words win: for a scan unlike the model's normals they say "not comparable"
+    words = report.get("interpretation") or percentileWords(percentile)
+    lines = [f"Whole scan: {words} (score {score:.3g})."]
     if not regions:
         lines.append("No region exceeds the anomaly threshold.")
     else:
@@ -243,14 +245,6 @@ def summarize(report: dict) -> str:
 
 
 def _reportWarnings(report: dict) -> list:
-    """Warnings the core may add to its report (a ``warnings`` list, an ``ood`` entry), read
-    defensively: older reports have neither."""
-    warnings = [str(w) for w in (report.get("warnings") or []) if w]
-    ood = report.get("ood")
-    if isinstance(ood, dict):
-        message = ood.get("message") or ood.get("warning")
-        if message and (ood.get("flagged", ood.get("is_ood", True))) and str(message) not in warnings:
-            warnings.append(str(message))
-    elif isinstance(ood, str) and ood and ood not in warnings:
-        warnings.append(ood)
-    return warnings
+    """The core's `warnings` (contrast the model does not know, a scan unlike every normal one);
+    older reports have none."""
+    return [str(w) for w in (report.get("warnings") or []) if w]
