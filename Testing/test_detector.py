@@ -124,8 +124,13 @@ def _phantom():
 def test_refuses_a_scan_that_is_not_a_brain(tiny_detector, make):
     image = sitk.GetImageFromArray(make().astype(np.float32))
     image.SetSpacing((4.0, 4.0, 4.0))
-    with pytest.raises(InputError, match="does not resemble a brain"):
+    with pytest.raises(InputError, match="brain MRI"):  # no brain found, or none after alignment
         tiny_detector.detect(image, heatmap=False)
+
+
+def test_a_brain_mask_must_be_an_image(tiny_detector, sample_case):
+    with pytest.raises(InputError, match="brain mask"):
+        tiny_detector.detect(sample_case[0], mask=np.ones((4, 4, 4)))
 
 
 def test_load_refuses_an_unknown_device(tiny_model):

@@ -82,8 +82,16 @@ def extract_brain(image: sitk.Image) -> tuple[sitk.Image, str]:
     return out, method
 
 
+def volume_ml(mask: np.ndarray, image: sitk.Image) -> float:
+    return float(np.count_nonzero(mask)) * float(np.prod(image.GetSpacing())) / 1000.0
+
+
+def is_brain_sized(mask: np.ndarray, image: sitk.Image) -> bool:
+    return MIN_BRAIN_ML <= volume_ml(mask, image) <= MAX_BRAIN_ML
+
+
 def _check_brain_volume(mask: np.ndarray, image: sitk.Image) -> None:
-    volume_ml = mask.sum() * float(np.prod(image.GetSpacing())) / 1000.0
-    if not MIN_BRAIN_ML <= volume_ml <= MAX_BRAIN_ML:
-        raise InputError(f"no brain found in the scan (brain extraction found {volume_ml:.0f} ml; a brain "
+    if not is_brain_sized(mask, image):
+        volume_ml_found = volume_ml(mask, image)
+        raise InputError(f"no brain found in the scan (brain extraction found {volume_ml_found:.0f} ml; a brain "
                          f"is {MIN_BRAIN_ML:.0f}-{MAX_BRAIN_ML:.0f} ml); is this a brain MRI?")

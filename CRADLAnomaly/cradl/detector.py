@@ -172,6 +172,8 @@ class AnomalyDetector:
         image = read_image(image) if isinstance(image, (str, Path)) else validate_image(image)
         if isinstance(mask, (str, Path)):
             mask = read_image(mask, what="brain mask")
+        elif mask is not None:
+            mask = validate_image(mask, "brain mask")
         timings["read"] = time.perf_counter() - started
         report(0.05, "Aligning to the reference template")
 

@@ -7,7 +7,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage, stats
 
-from .brain import extract_brain
+from .brain import extract_brain, is_brain_sized
 from .errors import InputError
 from .space import ReferenceSpace, coarse_copy, resample
 
@@ -106,15 +106,23 @@ def brain_only(image: sitk.Image, mask: sitk.Image, normalisation: dict, spacing
 def prepare_scan(image: sitk.Image, space: ReferenceSpace, normalisation: dict, min_brain_fraction: float,
                  mask: sitk.Image | None = None, transform: sitk.Transform | None = None,
                  seed: int = 0) -> PreparedScan:
-    """Brain mask (extracted unless given), affine alignment of the brain, normalised reference slices."""
-    method = "given"
-    if mask is None:
-        mask, method = extract_brain(image)
-    elif not same_grid(mask, image):
+    """Brain mask, affine alignment of the brain, normalised reference slices.
+
+    A given `mask` of a brain's size is the brain mask; a smaller one (a region of interest) only restricts
+    where anomalies are looked for, inside the extracted brain, which is what is aligned.
+    """
+    method, region = "given", None
+    if mask is not None and not same_grid(mask, image):
         mask = resample(sitk.Cast(mask > 0, sitk.sitkUInt8), image, interpolator=sitk.sitkNearestNeighbor)
+    if mask is None or not is_brain_sized(sitk.GetArrayViewFromImage(mask) > 0, image):
+        region = mask
+        mask, method = extract_brain(image)
     transform = transform or space.align(brain_only(image, mask, normalisation, space.grid.spacing), seed=seed)
     volume = space.to_reference(image, transform)
     brain = space.to_reference(sitk.Cast(mask > 0, sitk.sitkUInt8), transform, sitk.sitkNearestNeighbor) > 0
+    if region is not None:
+        brain &= space.to_reference(sitk.Cast(region > 0, sitk.sitkUInt8), transform, sitk.sitkNearestNeighbor) > 0
+        method += " and the given region"
     if brain.sum() < 100:
         raise InputError("the brain mask does not overlap the reference brain after alignment")
     normalised = normalise_intensity(volume, brain, normalisation)
