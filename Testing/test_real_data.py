@@ -145,3 +145,47 @@ def test_a_real_stroke_shape_is_painted_into_the_brain_as_a_dark_lesion():
     assert lesion.sum() > 100 and not (lesion & ~brain).any()
     assert after[lesion].mean() < 0.8 * before[lesion].mean()
     assert np.allclose(after[~brain], before[~brain])
+
+
+def test_real_commands_name_missing_data_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    for argv in (["real-set", "--out", str(tmp_path / "set")], ["train-real", "--out", str(tmp_path / "m.cradl")],
+                 ["benchmark-real", "--set", str(tmp_path), "--out-dir", str(tmp_path / "b")]):
+        run = subprocess.run([sys.executable, "-m", "cradl", *argv, "--data", str(tmp_path / "nowhere")],
+                             capture_output=True, text=True, timeout=120)
+        assert run.returncode == 2 and run.stderr.count("\n") == 1 and "real data not found" in run.stderr
+        assert not (tmp_path / "set").exists() and not (tmp_path / "m.cradl").exists()
+
+
+def test_group_table_reports_each_group_against_the_same_normals():
+    from cradl.evaluate.metrics import CaseScores, score_histograms
+    from cradl.evaluate.real import group_table, markdown
+
+    rng = np.random.default_rng(0)
+    cases, rows = [], []
+    for i, (kind, shift) in enumerate([("normal", 0.0)] * 6 + [("stroke", 3.0)] * 6 + [("brats", 3.0)] * 2):
+        lesion = np.zeros((8, 8, 8), bool)
+        if kind != "normal":
+            lesion[2:5, 2:5, 2:5] = True
+        heat = rng.random((8, 8, 8)) + shift * lesion
+        case = CaseScores(f"c{i}", kind, 20.0, float(shift + rng.random()), rng.random(5), np.zeros(5, bool))
+        case.pos_hist, case.neg_hist = score_histograms(heat, lesion, np.ones_like(lesion))
+        case.n_regions = int(kind != "normal")
+        case.extra["first_hit_rank"] = 1 if kind != "normal" else None
+        cases.append(case)
+        rows.append({"id": case.case_id, "type": kind, "contrast": "t1",
+                     "methods": {"CRADL": {"percentile": 99.0 if kind != "normal" else 40.0,
+                                           "out_of_distribution": False, "first_hit_rank": 1, "voxel_ap": 0.9,
+                                           "best_dice": 0.8}}})
+    table = group_table({"CRADL": cases}, rows, n_boot=50)["CRADL"]
+    assert table["normal"]["flagged_at_95th"] == 0.0 and table["normal"]["fp_regions_per_scan"] == 0.0
+    assert table["stroke"]["volume"]["auroc"] == 1.0 and table["stroke"]["top1_hit_rate"] == 1.0
+    assert "volume" not in table["brats"]  # patients vs IXI normals would mix scanner with lesion
+    assert table["brats"]["top3_hit_rate"] == 1.0
+    prep = {"n_subjects": 1, "dice_mean": 0.98, "dice_min": 0.98, "dice_max": 0.98, "seconds_median": 3.0,
+            "n_structures": 100, "alignment_scatter_mm_median": 2.0, "alignment_scatter_mm_p90": 4.0}
+    text = markdown({"meta": {"date": "d", "machine": "m", "command": "c"}, "groups": {"CRADL": table},
+                     "cases": rows, "brain_extraction_and_alignment": prep})
+    assert "| CRADL | 0.00" in text and "c12" in text

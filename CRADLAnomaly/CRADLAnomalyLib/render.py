@@ -198,6 +198,14 @@ def _sampleCase(detector, case: str):
 
     from .sample import resampleOblique, sampleScan
 
+    if case == "sample":  # the bundled real sample: a held-out T1 head with a real stroke shape painted in
+        from cradl.cli import SAMPLE_LESION, SAMPLE_SCAN
+
+        mask = sitk.ReadImage(str(SAMPLE_LESION))
+        index = np.argwhere(sitk.GetArrayViewFromImage(mask) > 0).mean(0)[::-1]
+        lesion = np.array(mask.TransformContinuousIndexToPhysicalPoint([float(v) for v in index]))
+        return (sitk.ReadImage(str(SAMPLE_SCAN), sitk.sitkFloat32), lesion,
+                "Real T1 head with skull (IXI033, held out) with a real stroke lesion shape painted in")
     if case == "template":
         image, lesion = sampleScan(detector.space.template)
         return image, lesion, "Model template with an inserted lesion on an oblique, flipped grid"
@@ -217,13 +225,13 @@ def _sampleCase(detector, case: str):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Render headless CRADL review views of a generated sample scan.")
+    parser = argparse.ArgumentParser(description="Render headless CRADL review views of a sample scan.")
     parser.add_argument("--model", default=None, help="model bundle (.cradl); default: the bundled model")
     parser.add_argument("--out", default="Resources/Screenshots", help="output folder for the PNGs")
     parser.add_argument("--size", type=int, default=360, help="pixels per view")
-    parser.add_argument("--case", default="synthetic",
-                        help="'synthetic' (the core's synthetic brain with a tumour), 'template' (model template "
-                             "with a lesion) or a scan file")
+    parser.add_argument("--case", default="sample",
+                        help="'sample' (the bundled real sample scan), 'synthetic' (the core's synthetic brain with "
+                             "a tumour), 'template' (model template with a lesion) or a scan file")
     parser.add_argument("--show-above", type=float, default=None,
                         help="display threshold (default: the model's calibrated threshold)")
     parser.add_argument("--zoom", type=float, default=1.3, help="magnification after fitting the views")
@@ -237,7 +245,7 @@ def main(argv=None) -> int:
     image, lesionLps, caption = _sampleCase(detector, args.case)
     review_ = newReviewScene(args.size)
     scene, sliceLogics = review_.scene, review_.sliceLogics
-    inputNode = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "Sample T1 with lesion")
+    inputNode = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "Sample T1")
     geometry.updateVolumeNodeFromImage(inputNode, image)
     result = pipeline.detectVolumeNode(scene, detector, inputNode)
     regions = result.report.get("regions") or []
