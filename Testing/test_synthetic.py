@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -155,13 +154,6 @@ def test_drawn_tissue_means_are_ordered():
             m = _sample_parameters(np.random.default_rng(seed), contrast)["tissue_means"]
             order = {"t1": ("wm", "gm", "csf"), "t2": ("csf", "gm", "wm"), "flair": ("gm", "wm", "csf")}[contrast]
             assert m[order[0]] > m[order[1]] > m[order[2]]
-
-
-def test_one_scan_is_fast():
-    make_normal_scan(np.random.default_rng(0), "t1")              # template loaded and cached
-    start = time.perf_counter()
-    make_normal_scan(np.random.default_rng(_seed_with(resolution="iso")))
-    assert time.perf_counter() - start < 3.0
 
 
 def test_unknown_contrast_is_refused():
