@@ -98,12 +98,6 @@ def setOverlayOpacity(scene, opacity: float, heatmapNode=None):
             composite.SetForegroundOpacity(float(opacity))
 
 
-def hideOverlay(scene, heatmapNode):
-    for composite in sliceCompositeNodes(scene):
-        if composite.GetForegroundVolumeID() == heatmapNode.GetID():
-            composite.SetForegroundVolumeID(None)
-
-
 def addColorLegend(heatmapNode):
     """The application's colour legend in the slice views (Slicer >= 4.13; skipped where missing)."""
     import slicer

@@ -7,6 +7,8 @@ Each result node carries
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 INPUT_REFERENCE = "CRADL.Input"
 ATTR_INPUT_ID = "CRADL.InputVolumeID"
 ATTR_ROLE = "CRADL.Role"
@@ -20,8 +22,6 @@ SLICE_THRESHOLD_SERIES = "sliceScoresThresholdSeries"
 SLICE_CHART = "sliceScoresChart"
 REGION_TABLE = "regionsTable"
 SEGMENTATION = "segmentation"
-ROLES = (HEATMAP, REPORT, SLICE_TABLE, SLICE_SERIES, SLICE_THRESHOLD_SERIES, SLICE_CHART,
-         REGION_TABLE, SEGMENTATION)
 
 _ROLE_SUFFIX = {
     HEATMAP: "anomaly heatmap",
@@ -33,9 +33,6 @@ _ROLE_SUFFIX = {
     REGION_TABLE: "anomaly regions",
     SEGMENTATION: "anomaly regions",
 }
-
-
-from contextlib import contextmanager
 
 
 @contextmanager
@@ -76,15 +73,6 @@ def isResultNode(node) -> bool:
 def resultNodeIDs(scene, className: str = "vtkMRMLNode") -> list:
     """IDs of every CRADL result node of ``className`` (e.g. to hide them from an input selector)."""
     return [node.GetID() for node in nodesByClass(scene, className) if isResultNode(node)]
-
-
-def inputOf(node):
-    """The input volume node a result node belongs to (None if it is not a CRADL result)."""
-    referenced = node.GetNodeReference(INPUT_REFERENCE)
-    if referenced is not None:
-        return referenced
-    inputId = node.GetAttribute(ATTR_INPUT_ID)
-    return node.GetScene().GetNodeByID(inputId) if inputId and node.GetScene() else None
 
 
 def findResultNodes(scene, inputNode, role: str | None = None) -> list:

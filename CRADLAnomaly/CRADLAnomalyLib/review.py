@@ -10,8 +10,6 @@ import vtk
 
 from . import nodes as N
 
-SLICE_COLUMNS = ("Slice", "Score", "R", "A", "S")
-REGION_COLUMNS = ("Rank", "R", "A", "S", "Volume", "Peak", "Mean", "Voxels")
 _REGION_UNITS = {"R": "mm", "A": "mm", "S": "mm", "Volume": "mm3"}
 _REGION_DESCRIPTIONS = {
     "Rank": "Rank by peak anomaly score (1 = most anomalous)",

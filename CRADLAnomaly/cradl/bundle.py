@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 
 from .calibration import check_loose, validate_calibration
@@ -36,7 +35,6 @@ from .space import ReferenceGrid
 FORMAT = "cradl-bundle"
 FORMAT_VERSION = 2  # 2: the manifest's SHA-256 is stored in `manifest.sha256`; 1 (still read): arrays only
 READABLE_VERSIONS = (1, 2)
-BUNDLE_SUFFIX = ".cradl"
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "Resources" / "Models" / "cradl_default.cradl"
 MANIFEST_CHECKSUM = "manifest.sha256"
 _MAX_MANIFEST_BYTES = 4 << 20
@@ -71,12 +69,6 @@ class ModelBundle:
     @property
     def version(self) -> str:
         return self.manifest["version"]
-
-    def template_image(self) -> sitk.Image:
-        return self.grid.image_from_array(self.template.astype(np.float32))
-
-    def template_mask_image(self) -> sitk.Image:
-        return self.grid.image_from_array(self.template_mask.astype(np.uint8))
 
     def save(self, path: str | Path) -> None:
         save_bundle(path, self.manifest, self.encoder, self.gmm, self.template, self.template_mask)

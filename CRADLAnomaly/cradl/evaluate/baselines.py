@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -471,7 +470,3 @@ class VAEBaseline(Method):
         return {"name": self.name, "family": self.family, "latent": self.model.latent, "width": self.model.width,
                 "epochs": self.epochs, "gmm_components": getattr(self, "k", None),
                 "train_seconds": round(self.train_seconds, 1), "loss_per_epoch": self.history}
-
-
-def nan_to_none(value):
-    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
-from scipy import ndimage
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 # ----------------------------------------------------------------------------- sample level
@@ -136,19 +135,6 @@ def region_outcome(region_labels, target) -> dict:
     n_hit = int(len(hit_ids))
     return {"n_regions": int(len(ids)), "n_true_regions": n_hit, "n_false_regions": int(len(ids) - n_hit),
             "detected": (n_hit > 0) if t.any() else None}
-
-
-def label_regions(heat, threshold: float, min_voxels: int = 1) -> np.ndarray:
-    """Connected components (26-connectivity is not assumed: face connectivity as scipy's default) of
-    heat > threshold with at least `min_voxels` voxels; 0 = none."""
-    components, count = ndimage.label(np.asarray(heat) > threshold)
-    if count == 0:
-        return components
-    sizes = np.bincount(components.ravel())
-    small = sizes < min_voxels
-    small[0] = False
-    components[small[components]] = 0
-    return components
 
 
 # ----------------------------------------------------------------------------- bootstrap
