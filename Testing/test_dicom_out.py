@@ -130,3 +130,28 @@ def test_regions_round_trip_through_a_dicom_segmentation(series, tiny_detector, 
         k = nifti.TransformPhysicalPointToIndex(sources[uid][1].tolist())[2]
         for s, number in enumerate(seg.segment_numbers):
             assert np.array_equal(frame[..., s] > 0, labels[k] == number), (uid, number)
+
+
+def test_single_dicom_input_writes_seg_and_pmap_beside_the_report(series, tiny_model, tmp_path):
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    run = subprocess.run([sys.executable, "-m", "cradl", "detect", str(series), "--model", str(tiny_model),
+                          "--report", str(tmp_path / "r.json"), "--pmap", str(tmp_path / "p.dcm"),
+                          "--seg", str(tmp_path / "s.dcm"), "--quiet"], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    pmap = pydicom.dcmread(tmp_path / "p.dcm")
+    assert pmap.SOPClassUID == "1.2.840.10008.5.1.4.1.1.30" and DISCLAIMER in pmap.SeriesDescription
+    assert (tmp_path / "s.dcm").exists() == bool(report["regions"])
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--pmap", "p.dcm", "--report", "r.json"], "need a DICOM series input"),
+    (["--seg", "s.dcm", "--no-heatmap", "--report", "r.json"], "need a DICOM series input"),
+])
+def test_dicom_outputs_for_a_nifti_input_are_refused_with_one_line(sample_case, tmp_path, extra, message):
+    run = subprocess.run([sys.executable, "-m", "cradl", "detect", str(sample_case[2]),
+                          *[str(tmp_path / e) if e.endswith((".dcm", ".json")) else e for e in extra]],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 2 and run.stderr.strip().endswith(message + " (a folder holding one series)")
+    assert list(tmp_path.iterdir()) == []

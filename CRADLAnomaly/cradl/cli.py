@@ -103,6 +103,8 @@ def _add_detect(sub):
     p.add_argument("--heatmap", help="heatmap output (.nii.gz, .nrrd, .mha); single input only")
     p.add_argument("--report", help="JSON report output; single input only")
     p.add_argument("--png", help="three-plane quick-look PNG; single input only")
+    p.add_argument("--seg", help="regions as a DICOM Segmentation (.dcm); a DICOM series input only")
+    p.add_argument("--pmap", help="heatmap as a DICOM Parametric Map (.dcm); a DICOM series input only")
     p.add_argument("--out-dir", help="batch mode: write NAME_heatmap.nii.gz, NAME_report.json, NAME.png here")
     p.add_argument("--model", help="model bundle (.cradl); default: the bundled model")
     p.add_argument("--mask", help="brain mask for the input (instead of the template's)")
@@ -151,15 +153,25 @@ def run_detect(args) -> int:
     batch = args.out_dir is not None or len(paths) > 1 or (first.is_dir() and not _is_dicom_folder(first))
     if batch and (args.heatmap or args.report or args.png):
         raise CradlError("with several inputs use --out-dir instead of --heatmap/--report/--png")
-    if not batch and not (args.heatmap or args.report or args.png):
+    if not batch and not (args.heatmap or args.report or args.png or args.seg or args.pmap):
         raise CradlError("say where to write results: --heatmap, --report, --png or --out-dir")
     if args.no_heatmap and (args.heatmap or args.png):
         raise CradlError("--no-heatmap computes scores only; drop --heatmap/--png")
     protected = _protected_files([("input", p) for p in paths] + ([("--mask", Path(args.mask))] if args.mask else [])
                                  + [("--model", _model_path(args.model))])
+    dicom_outputs = [(flag, Path(value)) for flag, value in (("--seg", args.seg), ("--pmap", args.pmap)) if value]
+    if dicom_outputs:
+        if batch:
+            raise CradlError("--seg/--pmap are for one input; in batch mode with --workers or --scheduler a DICOM "
+                             "series input gets NAME_seg.dcm and NAME_pmap.dcm in --out-dir")
+        if not (first.is_dir() and _is_dicom_folder(first)):
+            raise CradlError("--seg and --pmap need a DICOM series input (a folder holding one series)")
+        if args.no_heatmap:
+            raise CradlError("--no-heatmap computes scores only; drop --seg/--pmap")
     if not batch:
         outputs = [(flag, Path(value)) for flag, value in
                    (("--heatmap", args.heatmap), ("--report", args.report), ("--png", args.png)) if value]
+        outputs += dicom_outputs
         for _, out in outputs:
             check_output_path(out)
         refuse_clashes(outputs, protected)
@@ -185,7 +197,15 @@ def run_detect(args) -> int:
     if not batch:
         image = read_image(paths[0])
         result = _detect_one(detector, paths[0], image, mask, args, progress=not args.quiet)
+        if dicom_outputs:  # built before anything is written: a series that does not map refuses early
+            from .dicom_out import build_dicom_results, save_dicom_results
+
+            dicom = build_dicom_results(paths[0], result, detector.model_summary(), args.seg, args.pmap)
         _write_outputs(result, image, args.heatmap, args.report, args.png)
+        if dicom_outputs:
+            written = save_dicom_results(dicom)
+            if args.seg and written["seg"] is None:
+                print(f"no region above the threshold: no DICOM Segmentation written to {args.seg}")
         _print_summary(paths[0], result)
         return EXIT_OK
     return _run_batch(detector, paths, mask, args, out_dir, plan)

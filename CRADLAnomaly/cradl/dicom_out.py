@@ -125,21 +125,26 @@ def build_parametric_map(sources: list, heat: np.ndarray, model: dict):
     return pmap
 
 
-def write_dicom_results(series_folder: Path, result, model: dict, seg_path=None, pmap_path=None) -> dict:
-    """Write the Segmentation (only when there are regions) and the Parametric Map of `result`, all or
-    nothing; returns {"seg": path or None, "pmap": path or None}."""
-    from .io import atomic_files, writing
-
+def build_dicom_results(series_folder: Path, result, model: dict, seg_path=None, pmap_path=None) -> list:
+    """The DICOM objects for `result`, built (and the series mapped onto the scan's grid) before anything is
+    written: [(kind, final path, dataset)]. The Segmentation only when there are regions."""
     if result.heatmap is None:
         raise InputError("DICOM results need the heatmap (drop --no-heatmap)")
     sources = source_datasets(Path(series_folder), result.heatmap)
-    written = {"seg": None, "pmap": None}
     objects = []
     if pmap_path:
         objects.append(("pmap", pmap_path, build_parametric_map(sources, sitk.GetArrayFromImage(result.heatmap), model)))
     if seg_path and result.regions:
         labels = sitk.GetArrayFromImage(result.region_labels)
         objects.append(("seg", seg_path, build_segmentation(sources, labels, result.regions, model, result.threshold)))
+    return objects
+
+
+def save_dicom_results(objects: list) -> dict:
+    """Write built DICOM objects, all or nothing; returns {"seg": path or None, "pmap": path or None}."""
+    from .io import atomic_files, writing
+
+    written = {"seg": None, "pmap": None}
     with atomic_files() as files:
         for kind, final, dataset in objects:
             tmp = files.path(final)
@@ -149,6 +154,11 @@ def write_dicom_results(series_folder: Path, result, model: dict, seg_path=None,
             written[kind] = Path(final)
         files.commit()
     return written
+
+
+def write_dicom_results(series_folder: Path, result, model: dict, seg_path=None, pmap_path=None) -> dict:
+    """Build and write the Segmentation (only when there are regions) and the Parametric Map of `result`."""
+    return save_dicom_results(build_dicom_results(series_folder, result, model, seg_path, pmap_path))
 
 
 def _verify(tmp: Path, final, uid: str) -> None:

@@ -134,14 +134,17 @@ def detect_scan(task: dict) -> dict:
         result.source = task["input"]
         t = time.perf_counter()
         out = task["outputs"]
+        dicom = None
+        if "seg" in out or "pmap" in out:  # built first: a series that does not map writes nothing
+            from ..dicom_out import build_dicom_results, save_dicom_results
+
+            dicom = build_dicom_results(Path(task["input"]), result, detector.model_summary(), out.get("seg"),
+                                        out.get("pmap"))
         _clear_leftovers(out.values())
         _write_outputs(result, image, out.get("heatmap"), out["report"], out.get("png"))
         written = {kind: Path(out[kind]) for kind in ("heatmap", "report", "png") if kind in out}
-        if "seg" in out or "pmap" in out:
-            from ..dicom_out import write_dicom_results
-
-            written.update(write_dicom_results(Path(task["input"]), result, detector.model_summary(),
-                                               out.get("seg"), out.get("pmap")))
+        if dicom is not None:
+            written.update(save_dicom_results(dicom))
         t_write = time.perf_counter() - t
         timings = result.timings
         row.update(_result_fields(result))
