@@ -67,6 +67,7 @@ def test_two_workers_write_every_output_and_a_summary_row_per_input(two_worker_r
     assert not [p.name for p in out.iterdir() if p.name.startswith(".") and p.name != ".cradl-done"]
 
 
+@pytest.mark.slow
 def test_one_worker_loads_the_model_once_and_gives_the_same_results(two_worker_run, inputs, tiny_model, tmp_path):
     _, out2 = two_worker_run
     run = cradl("detect", inputs / "a_normal.nii.gz", inputs / "b_lesion.nii.gz", "--out-dir", tmp_path,

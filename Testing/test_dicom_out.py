@@ -132,6 +132,7 @@ def test_regions_round_trip_through_a_dicom_segmentation(series, tiny_detector, 
             assert np.array_equal(frame[..., s] > 0, labels[k] == number), (uid, number)
 
 
+@pytest.mark.slow
 def test_single_dicom_input_writes_seg_and_pmap_beside_the_report(series, tiny_model, tmp_path):
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     run = subprocess.run([sys.executable, "-m", "cradl", "detect", str(series), "--model", str(tiny_model),
