@@ -70,7 +70,7 @@ def register_real(sub) -> None:
                        "recorded split (training; validation for the mixture size and slice statistics; "
                        "calibration); the test subjects are never used. Resumes like `train`.")
     p.add_argument("--out", required=True, help="model bundle to write")
-    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--epochs", type=int, default=10, help="SimCLR epochs (the bundled model: 10)")
     p.add_argument("--name", default="cradl-default")
     p.add_argument("--version", default="2.0.0")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
