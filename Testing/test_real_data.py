@@ -189,3 +189,20 @@ def test_group_table_reports_each_group_against_the_same_normals():
     text = markdown({"meta": {"date": "d", "machine": "m", "command": "c"}, "groups": {"CRADL": table},
                      "cases": rows, "brain_extraction_and_alignment": prep})
     assert "| CRADL | 0.00" in text and "c12" in text
+
+
+def test_the_brain_mask_of_a_scan_seen_again_is_not_recomputed(monkeypatch):
+    from cradl import brain
+    from cradl.train.synthetic import make_normal_scan
+
+    image, _ = make_normal_scan(np.random.default_rng(7), contrast="t1")
+    first = brain.network_mask(image)
+    monkeypatch.setattr(brain, "_run_network", lambda image: pytest.fail("the network ran again"))
+    again = brain.network_mask(image)
+    assert np.array_equal(first, again)
+    again[:] = False  # callers get copies
+    assert np.array_equal(brain.network_mask(image), first)
+    shifted = sitk.Image(image)
+    shifted.SetOrigin([v + 1.0 for v in image.GetOrigin()])
+    with pytest.raises(pytest.fail.Exception):
+        brain.network_mask(shifted)  # same voxels, another geometry: a new mask

@@ -9,6 +9,7 @@ approximate it.
 from __future__ import annotations
 
 import functools
+import hashlib
 
 import numpy as np
 import SimpleITK as sitk
@@ -43,7 +44,32 @@ def _network():
 
 
 def network_mask(image: sitk.Image) -> np.ndarray:
-    """deepbet's brain mask of `image` as a [z, y, x] bool array on the image's grid."""
+    """deepbet's brain mask of `image` as a [z, y, x] bool array on the image's grid.
+
+    The network is deterministic, so the masks of the last few scans are kept (keyed on the voxels and
+    the geometry): detecting the same scan again (another model, a re-run from the Slicer panel, a
+    test) does not run it again.
+    """
+    key = _content_key(image)
+    if key not in _recent_masks:
+        _recent_masks[key] = _run_network(image)
+        while len(_recent_masks) > _RECENT_MASKS:
+            _recent_masks.pop(next(iter(_recent_masks)))
+    return _recent_masks[key].copy()
+
+
+_RECENT_MASKS = 4
+_recent_masks: dict[str, np.ndarray] = {}
+
+
+def _content_key(image: sitk.Image) -> str:
+    digest = hashlib.sha1(np.ascontiguousarray(sitk.GetArrayViewFromImage(image)).data)
+    digest.update(repr((image.GetSize(), image.GetSpacing(), image.GetOrigin(), image.GetDirection(),
+                        image.GetPixelID())).encode())
+    return digest.hexdigest()
+
+
+def _run_network(image: sitk.Image) -> np.ndarray:
     extractor = _network()
     volume = np.nan_to_num(ras_canonical_array(image).astype(np.float32))
     try:
