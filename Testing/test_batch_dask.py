@@ -146,3 +146,22 @@ def test_bad_cluster_options_fail_with_one_line(inputs, tmp_path, extra, message
 def test_cluster_options_need_batch_mode(inputs, tmp_path):
     run = cradl("detect", inputs / "a_normal.nii.gz", "--report", tmp_path / "r.json", "--workers", "2")
     assert run.returncode == 2 and "--workers and --scheduler run batch mode" in run.stderr
+
+
+@pytest.mark.slow
+def test_a_killed_worker_and_a_killed_run_lose_no_finished_scan(sample_case, tiny_model, tmp_path):
+    """The benchmark's resume check on six scans: a worker is killed after 2 finished scans, the whole run
+    (client, scheduler, workers) after 3; the rerun reuses every finished scan and completes the rest."""
+    from cradl.batch.benchmark import resume_check
+
+    scans = []
+    for i in range(6):
+        scans.append(tmp_path / f"s{i}.nii.gz")
+        shutil.copy(sample_case[2 if i % 2 else 0], scans[-1])
+    result = resume_check(scans, tmp_path / "out", str(tiny_model))
+    assert result["rerun_exit_status"] == 0
+    assert result["finished_scans_redone"] == 0
+    assert result["rerun_reused"] == result["finished_before_rerun"] >= 3
+    assert result["rerun_reused"] + result["rerun_computed"] == 6
+    assert result["outputs_valid_after_rerun"] == 6
+    assert not [p.name for p in (tmp_path / "out").iterdir() if p.name.startswith(".") and p.name != ".cradl-done"]
