@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-MODES = {"in-process batch (today)": [], "Dask, 1 worker": ["--workers", "1"], "Dask, 2 workers": ["--workers", "2"]}
+MODES = {"in-process batch (today)": [], "Dask, 2 workers": ["--workers", "2"], "Dask, 1 worker": ["--workers", "1"]}
 FOLDERS = {"in-process batch (today)": "inprocess", "Dask, 1 worker": "dask1", "Dask, 2 workers": "dask2"}
 
 
