@@ -206,3 +206,38 @@ def test_quiet_training_keeps_the_console_clean_and_the_log_complete(normal_coho
     assert run.returncode == 0, run.stderr
     assert run.stderr.strip() == "" and out.is_file()
     assert "epoch 1/2" in log.read_text() and "epoch 2/2" in log.read_text()
+
+
+def test_help_and_info_import_neither_torch_nor_resource():
+    """The parser (every subcommand's) and `cradl info` start without torch or the Unix-only `resource`."""
+    code = """if True:
+        import sys
+        from cradl.cli import build_parser, main
+        try:
+            build_parser().parse_args(["--help"])
+        except SystemExit as exc:
+            assert exc.code == 0, exc.code
+        for command in ("train", "benchmark-speed", "evaluate", "detect"):
+            try:
+                build_parser().parse_args([command, "--help"])
+            except SystemExit as exc:
+                assert exc.code == 0, exc.code
+        assert main(["info"]) == 0
+        loaded = [name for name in ("torch", "resource") if name in sys.modules]
+        assert not loaded, loaded
+    """
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "usage: cradl" in run.stdout and '"fingerprint": "sha256:' in run.stdout
+
+
+def test_train_options_not_given_take_the_recipe_defaults():
+    from cradl.cli import _train_config, build_parser
+    from cradl.train.trainer import TrainConfig
+
+    parse = build_parser().parse_args
+    assert _train_config(parse(["train", "--normal", "n", "--out", "m.cradl"])) == TrainConfig()
+    given = _train_config(parse(["train", "--normal", "n", "--out", "m.cradl", "--epochs", "3", "--components", "1",
+                                 "2", "--geometry", "strong", "--description", "d"]))
+    assert given == TrainConfig(epochs=3, gmm_components=(1, 2), geometry="strong", description="d")

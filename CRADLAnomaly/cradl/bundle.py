@@ -21,16 +21,18 @@ import stat
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from .calibration import check_loose, validate_calibration
-from .encoder import SliceEncoder
 from .errors import ModelError
-from .gmm import GaussianMixtureNLL
 from .io import atomic_path, writing
 from .space import ReferenceGrid
+
+if TYPE_CHECKING:  # torch is imported where a network is built: `cradl info` reads a bundle without it
+    from .encoder import SliceEncoder
+    from .gmm import GaussianMixtureNLL
 
 FORMAT = "cradl-bundle"
 FORMAT_VERSION = 2  # 2: the manifest's SHA-256 is stored in `manifest.sha256`; 1 (still read): arrays only
@@ -117,6 +119,18 @@ def _npy_bytes(array: np.ndarray) -> bytes:
 
 def load_bundle(path: str | Path | None = None) -> ModelBundle:
     """Load and validate a bundle; `None` loads the bundled default model."""
+    path, manifest, fingerprint, arrays = _read_bundle(path, check_network=True)
+    return _assemble(manifest, arrays, path, fingerprint)
+
+
+def read_manifest(path: str | Path | None = None) -> tuple[dict, str]:
+    """A bundle's validated manifest and its fingerprint, every array's checksum verified, without torch (for
+    `cradl info`): `load_bundle` also builds the network, checking the encoder's layer shapes and the values."""
+    _, manifest, fingerprint, _ = _read_bundle(path, check_network=False)
+    return manifest, fingerprint
+
+
+def _read_bundle(path, check_network: bool) -> tuple[Path, dict, str, dict[str, np.ndarray]]:
     path = Path(path) if path is not None else DEFAULT_MODEL
     if not path.exists() or path.is_dir():
         hint = " (the bundled default model is missing from this installation)" if path == DEFAULT_MODEL else ""
@@ -126,7 +140,7 @@ def load_bundle(path: str | Path | None = None) -> ModelBundle:
     try:
         with zipfile.ZipFile(path) as archive:
             manifest, fingerprint = _read_manifest(archive, path)
-            specs = _validate_manifest(manifest, path)
+            specs = _validate_manifest(manifest, path, check_network)
             _check_members(archive, specs, path)
             arrays = {name: _read_array(archive, name, spec, path) for name, spec in specs.items()}
     except ModelError:
@@ -135,7 +149,7 @@ def load_bundle(path: str | Path | None = None) -> ModelBundle:
         raise ModelError(f"{path} is not a CRADL model bundle (not a valid bundle archive; truncated or foreign)") from None
     except Exception as exc:  # noqa: BLE001 - a damaged archive fails in zipfile/zlib in many ways; all mean the same
         raise ModelError(f"{path} is damaged ({type(exc).__name__}: {' '.join(str(exc).split())[:160]})") from None
-    return _assemble(manifest, arrays, path, fingerprint)
+    return path, manifest, fingerprint, arrays
 
 
 def _read_capped(archive: zipfile.ZipFile, info: zipfile.ZipInfo, cap: int) -> bytes:
@@ -182,11 +196,12 @@ def _read_manifest(archive: zipfile.ZipFile, path: Path) -> tuple[dict, str]:
     return manifest, f"sha256:{digest}"
 
 
-def _validate_manifest(manifest: dict, path: Path) -> dict[str, dict]:
+def _validate_manifest(manifest: dict, path: Path, check_network: bool = True) -> dict[str, dict]:
     """Every field the model uses, by type, range, finiteness and length; the arrays the manifest's network
-    sizes imply must be exactly those it lists. Returns the array specs. Nothing large is built."""
+    sizes imply must be exactly those it lists (the encoder's only with `check_network`, which needs torch).
+    Returns the array specs. Nothing large is built."""
     try:
-        return _validated(manifest)
+        return _validated(manifest, check_network)
     except ValueError as exc:
         raise ModelError(f"{path} manifest is invalid: {exc}") from None
 
@@ -219,7 +234,7 @@ def _string(value, where, required=True, longest=1000):
         raise ValueError(f"{where} must be a string of at most {longest} characters")
 
 
-def _validated(m: dict) -> dict[str, dict]:
+def _validated(m: dict, check_network: bool = True) -> dict[str, dict]:
     _string(m.get("name"), "name", longest=200)
     _string(m.get("version"), "version", longest=100)
     for key in ("description", "created", "cradl_version"):
@@ -303,14 +318,19 @@ def _validated(m: dict) -> dict[str, dict]:
     if total > _MAX_ARRAY_BYTES:
         raise ValueError(f"its arrays declare {total:,} bytes, more than a model needs ({_MAX_ARRAY_BYTES:,})")
 
-    # The network the manifest describes, built without memory, must have exactly the listed weights.
-    with torch.device("meta"):
-        expected = {f"encoder.{k}": list(v.shape) for k, v in SliceEncoder(width, features, pool).state_dict().items()}
     listed = {k: v["shape"] for k, v in specs.items() if k.startswith("encoder.")}
-    if listed != expected:
-        differ = sorted(set(listed) ^ set(expected)) or [k for k in expected if listed[k] != expected[k]]
-        raise ValueError(f"the encoder it describes (width {width}, {features} features, grid {pool}) does not match "
-                         f"its weights ({differ[0]})")
+    if check_network:  # the network the manifest describes, built without memory, must have exactly these weights
+        import torch
+
+        from .encoder import SliceEncoder
+
+        with torch.device("meta"):
+            expected = {f"encoder.{k}": list(v.shape)
+                        for k, v in SliceEncoder(width, features, pool).state_dict().items()}
+        if listed != expected:
+            differ = sorted(set(listed) ^ set(expected)) or [k for k in expected if listed[k] != expected[k]]
+            raise ValueError(f"the encoder it describes (width {width}, {features} features, grid {pool}) does not "
+                             f"match its weights ({differ[0]})")
     mixture = {k: specs.get(f"gmm.{k}", {}).get("shape") for k in
                ("feature_mean", "feature_std", "weights", "means", "precisions_cholesky")}
     means = mixture["means"]
@@ -326,7 +346,7 @@ def _validated(m: dict) -> dict[str, dict]:
         if specs.get(name, {}).get("shape") != grid_shape:
             raise ValueError(f"{name} shape {specs.get(name, {}).get('shape')} does not match the reference grid "
                              f"{grid_shape}")
-    known = set(expected) | {f"gmm.{k}" for k in mixture} | {"template", "template_mask"}
+    known = set(listed) | {f"gmm.{k}" for k in mixture} | {"template", "template_mask"}
     if set(specs) - known:
         raise ValueError(f"unknown array {sorted(set(specs) - known)[0]!r}")
     return specs
@@ -357,6 +377,11 @@ def _read_array(archive: zipfile.ZipFile, name: str, spec: dict, path: Path) -> 
 
 
 def _assemble(manifest: dict, arrays: dict, path: Path, fingerprint: str | None = None) -> ModelBundle:
+    import torch
+
+    from .encoder import SliceEncoder
+    from .gmm import GaussianMixtureNLL
+
     try:
         spec = manifest["encoder"]
         encoder = SliceEncoder(int(spec["width"]), int(spec["feature_dim"]), int(spec.get("grid", 1)))

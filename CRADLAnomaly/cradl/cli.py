@@ -475,31 +475,28 @@ def _check_resume_files(out: Path) -> None:
 
 
 def _add_train(sub):
-    from .train.trainer import TrainConfig
-
-    d = TrainConfig()
+    # The defaults are TrainConfig's, filled in by run_train: importing the trainer here would import torch
+    # for every command, `cradl --help` included.
     p = sub.add_parser("train", help="train a model on folders of normal scans",
                        description="SimCLR on 2D slices of normal scans, a Gaussian mixture on the encoder's "
                        "features, calibration on held-out normal scans; writes one model bundle. Resumes from "
                        "OUT.ckpt and OUT.prep.npz when they exist (delete them to start over).")
     _add_normals_and_bundle_out(p)
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--slice-size", type=int, default=d.slice_size)
-    p.add_argument("--spacing", type=float, default=d.spacing_mm, help="reference grid spacing in mm")
-    p.add_argument("--width", type=int, default=d.width, help="encoder width (channels of the first stage)")
-    p.add_argument("--feature-dim", type=int, default=d.feature_dim)
-    p.add_argument("--grid", type=int, default=d.grid,
-                   help="encoder pooling grid: 1 = global pooling; >1 keeps a coarse spatial layout")
-    p.add_argument("--geometry", choices=["strong", "light"], default=d.geometry,
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--slice-size", type=int)
+    p.add_argument("--spacing", type=float, help="reference grid spacing in mm")
+    p.add_argument("--width", type=int, help="encoder width (channels of the first stage)")
+    p.add_argument("--feature-dim", type=int)
+    p.add_argument("--grid", type=int, help="encoder pooling grid: 1 = global pooling; >1 keeps a coarse spatial layout")
+    p.add_argument("--geometry", choices=["strong", "light"],
                    help="geometric augmentation: SimCLR's crops and flips, or light jitter for aligned slices")
-    p.add_argument("--learning-rate", type=float, default=d.learning_rate)
-    p.add_argument("--components", type=int, nargs="+", default=list(d.gmm_components),
-                   help="mixture sizes to try; the best held-out likelihood wins")
-    p.add_argument("--name", default=d.name)
-    p.add_argument("--version", default=d.version)
-    p.add_argument("--description", default="")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--learning-rate", type=float)
+    p.add_argument("--components", type=int, nargs="+", help="mixture sizes to try; the best held-out likelihood wins")
+    p.add_argument("--name")
+    p.add_argument("--version")
+    p.add_argument("--description")
+    p.add_argument("--seed", type=int)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
     p.add_argument("--nproc", type=int, default=1,
@@ -511,8 +508,20 @@ def _add_train(sub):
     p.set_defaults(run=run_train)
 
 
+def _train_config(args):
+    """The options given on the command line over TrainConfig's defaults."""
+    from .train.trainer import TrainConfig
+
+    given = {"epochs": args.epochs, "batch_size": args.batch_size, "slice_size": args.slice_size,
+             "spacing_mm": args.spacing, "width": args.width, "feature_dim": args.feature_dim, "grid": args.grid,
+             "geometry": args.geometry, "learning_rate": args.learning_rate,
+             "gmm_components": tuple(args.components) if args.components else None, "name": args.name,
+             "version": args.version, "description": args.description, "seed": args.seed}
+    return TrainConfig(**{key: value for key, value in given.items() if value is not None})
+
+
 def run_train(args) -> int:
-    from .train.trainer import TrainConfig, train_model
+    from .train.trainer import train_model
 
     _check_bundle_out(args.out)
     out = Path(args.out)
@@ -529,11 +538,7 @@ def run_train(args) -> int:
             handler = logging.FileHandler(args.log)
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
         logging.getLogger("cradl").addHandler(handler)
-    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, slice_size=args.slice_size,
-                         spacing_mm=args.spacing, width=args.width, feature_dim=args.feature_dim,
-                         grid=args.grid, geometry=args.geometry,
-                         learning_rate=args.learning_rate, gmm_components=tuple(args.components), name=args.name,
-                         version=args.version, description=args.description, seed=args.seed)
+    config = _train_config(args)
     from .train.distributed import train_distributed, under_torchrun
 
     if args.nproc < 1:
@@ -640,11 +645,10 @@ def _add_info(sub):
 def run_info(args) -> int:
     import json
 
-    from .bundle import load_bundle
+    from .bundle import read_manifest  # not load_bundle: the card needs no network, so no torch
 
-    bundle = load_bundle(args.model)
-    m = bundle.manifest
-    summary = {"fingerprint": bundle.fingerprint}
+    m, fingerprint = read_manifest(args.model)
+    summary = {"fingerprint": fingerprint}
     summary.update({k: m[k] for k in ("name", "version", "description", "created", "gmm", "reference") if k in m})
     summary["training"] = {k: v for k, v in m.get("training", {}).items() if k not in ("loss_per_epoch", "data_split")}
     summary["localization"] = m["localization"]

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import multiprocessing
 import platform
-import resource
 import statistics
 import tempfile
 import time
@@ -16,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-import torch
 
 SIZES = {  # name: (voxels x, y, z; spacing mm)
     "brain-1mm": ((193, 229, 193), (1.0, 1.0, 1.0)),
@@ -56,6 +54,10 @@ def _timed(fn, repeats: int) -> tuple[list[float], object]:
 
 def measure(path: str, model: str | None, repeats: int, naive: bool) -> dict:
     """All timings for one volume file, in this process."""
+    import resource  # Unix only, as is this benchmark's peak-memory figure; `cradl --help` must not need it
+
+    import torch
+
     from ..detector import AnomalyDetector
     from ..io import read_image, write_image, write_json
     from ..localize import score_and_saliency
@@ -123,6 +125,8 @@ def _child(queue, *args):
 
 
 def run(model: str | None, sizes: list[str], repeats: int, naive_sizes: list[str]) -> dict:
+    import torch
+
     context = multiprocessing.get_context("spawn")
     results = {}
     with tempfile.TemporaryDirectory() as folder:
