@@ -73,6 +73,8 @@ def train_distributed(normal_dirs, out, config, nproc: int = 2, device: str = "a
         return out
     if nproc < 1:
         raise CradlError("--nproc must be at least 1")
+    if config.batch_size < nproc:
+        raise InputError(f"--batch-size {config.batch_size} is smaller than --nproc {nproc}")
     import torch.multiprocessing as mp
 
     logs = _logging_setup()
