@@ -479,11 +479,13 @@ def _traceback():
 
 
 def _userMessage(error):
-    """The core's and the bridge's errors carry a message for the user; others get their type too."""
-    names = {cls.__name__ for cls in type(error).__mro__}
-    if names & {"CradlError", "BridgeError", "WorkerError", "InstallInProgress"}:
-        return str(error)
-    return f"{type(error).__name__}: {error}"
+    """The words shown for an error: CRADLAnomalyLib.userMessage (plain for the core's and the bridge's own
+    errors, with the type for others)."""
+    try:
+        import CRADLAnomalyLib as lib
+    except Exception:  # noqa: BLE001 - the bridge itself cannot load: still say what failed
+        return f"{type(error).__name__}: {error}"
+    return lib.userMessage(error)
 
 
 #

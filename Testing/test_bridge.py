@@ -518,6 +518,46 @@ def test_cancel_leaves_scene_untouched(rs):
     assert scene.GetNumberOfNodes() == before
 
 
+class _CancelOnSecondFile:
+    def __init__(self):
+        self.calls = 0
+
+    def detect(self, path, heatmap=True, progress=None, cancel=None):
+        from cradl.errors import DetectionCancelled, InputError
+
+        self.calls += 1
+        if self.calls == 1:
+            raise InputError("not a scan")  # the batch reports it and goes on
+        raise DetectionCancelled("detection cancelled")  # the batch stops
+
+
+def test_file_batch_goes_on_past_a_bad_file_and_stops_on_the_core_cancel(tmp_path):
+    from cradl.errors import DetectionCancelled
+
+    detector = _CancelOnSecondFile()
+    with pytest.raises(DetectionCancelled):
+        pipeline.processFiles(detector, ["a.nii.gz", "b.nii.gz", "c.nii.gz"], str(tmp_path), log=lambda m: None)
+    assert detector.calls == 2
+
+
+def test_user_messages_come_from_the_error_classes():
+    from cradl.errors import CradlError, ModelError
+
+    from CRADLAnomalyLib.dependencies import InstallInProgress
+    from CRADLAnomalyLib.worker import WorkerError
+
+    for error in (ModelError("model file not found"), CradlError("bad"), BridgeError("sheared volume"),
+                  WorkerError("cancelled"), InstallInProgress("an install is running")):
+        assert lib.userMessage(error) == str(error)
+
+    class CradlErrorLookalike(Exception):  # same name, not the class: not a user error
+        pass
+
+    CradlErrorLookalike.__name__ = "CradlError"
+    assert lib.userMessage(ValueError("x")) == "ValueError: x"
+    assert lib.userMessage(CradlErrorLookalike("y")) == "CradlError: y"
+
+
 # ------------------------------------------------------------------------------------------ segmentation
 def test_segmentation_from_thresholded_heatmap(rs):
     scene = rs.scene

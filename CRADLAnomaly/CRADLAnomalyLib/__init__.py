@@ -4,7 +4,7 @@ No Qt here: only MRML, VTK, SimpleITK and the ``slicer.util`` helpers that exist
 application and the ``slicer-core`` wheel, so all of it is tested against a real vtkMRMLScene.
 Functions take the scene explicitly (the wheel has no ``slicer.mrmlScene``).
 """
-from .errors import BridgeError
+from .errors import BridgeError, userMessage
 from .geometry import (imageFromVolumeNode, updateVolumeNodeFromImage, ijkToRasArray, ijkToRasFromImage,
                        maskImageFromNode, placeOnInputGrid, parentTransformToWorld)
 from .colors import getOrCreateHeatColorNode, heatRGBA, legendImage, COLOR_TABLE_NAME

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+from cradl.errors import DetectionCancelled
 
 from . import display as D
 from . import nodes as N
@@ -209,9 +210,9 @@ def processFiles(detector, paths, outputDir: str, progress=None, cancel=None, lo
             summary.append({"input": path, "ok": True, "files": files,
                             "volume_percentile": report.get("volume_percentile")})
             log(f"CRADL: {path}: {R.percentileWords(report.get('volume_percentile', 0.0))}")
-        except Exception as error:  # noqa: BLE001 - batch keeps going; cancel stops it
-            if type(error).__name__ == "DetectionCancelled":
-                raise
+        except DetectionCancelled:  # cancel stops the batch
+            raise
+        except Exception as error:  # noqa: BLE001 - batch keeps going
             summary.append({"input": path, "ok": False, "error": str(error)})
             log(f"CRADL: {path}: FAILED: {error}")
     return summary

@@ -241,10 +241,12 @@ def _main(argv) -> int:
     def progress(fraction, message=""):
         _writeJsonAtomic(os.path.join(jobdir, PROGRESS_FILE), {"fraction": float(fraction), "message": str(message)})
 
+    if MODULE_DIR not in sys.path:
+        sys.path.insert(0, MODULE_DIR)
+    from cradl.errors import CradlError  # plain Python: what says whether an error is the user's to fix
+
     try:
         progress(0.0, "Loading the model")
-        if MODULE_DIR not in sys.path:
-            sys.path.insert(0, MODULE_DIR)
         from cradl import AnomalyDetector
 
         if args.command == "info":
@@ -269,8 +271,7 @@ def _main(argv) -> int:
     except Exception as error:  # noqa: BLE001 - reported to the panel, which shows it
         import traceback
 
-        names = {cls.__name__ for cls in type(error).__mro__}
-        message = str(error) if "CradlError" in names else f"{type(error).__name__}: {error}"
+        message = str(error) if isinstance(error, CradlError) else f"{type(error).__name__}: {error}"
         _writeJsonAtomic(os.path.join(jobdir, ERROR_FILE), {"message": message, "traceback": traceback.format_exc()})
         return 1
 
