@@ -77,6 +77,7 @@ def train_distributed(normal_dirs, out, config, nproc: int = 2, device: str = "a
         raise InputError(f"--batch-size {config.batch_size} is smaller than --nproc {nproc}")
     import torch.multiprocessing as mp
 
+    logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)  # the failing rank says why, once
     logs = _logging_setup()
     with tempfile.TemporaryDirectory(prefix="cradl-ddp-") as scratch:
         errors = Path(scratch)
