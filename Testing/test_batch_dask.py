@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -51,7 +52,7 @@ def test_two_workers_write_every_output_and_a_summary_row_per_input(two_worker_r
     assert [r["status"] for r in rows] == ["ok", "ok", "failed"]
     assert "cannot read" in rows[2]["error"] and rows[2]["report"] == ""
     for row in rows[:2]:
-        report = json.loads(open(row["report"]).read())
+        report = json.loads(Path(row["report"]).read_text())
         assert float(row["volume_score"]) == pytest.approx(report["volume_score"])
         assert float(row["volume_percentile"]) == pytest.approx(report["volume_percentile"])
         assert int(row["n_regions"]) == len(report["regions"])
@@ -59,7 +60,7 @@ def test_two_workers_write_every_output_and_a_summary_row_per_input(two_worker_r
         assert float(row["t_total_s"]) > 0 and float(row["t_align_s"]) > 0 and float(row["worker_peak_rss_mib"]) > 0
         heatmap, image = sitk.ReadImage(row["heatmap"]), sitk.ReadImage(str(inputs / row["name"]))
         assert heatmap.GetSize() == image.GetSize()
-        assert open(row["png"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+        assert Path(row["png"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["counts"] == {"ok": 2, "failed": 1, "reused": 0} and len(summary["rows"]) == 3
     assert (out / "worklist.html").is_file()

@@ -8,13 +8,18 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
-
-from cradl.dicom_out import DISCLAIMER, source_datasets, write_dicom_results, write_dicom_series
+from cradl.dicom_out import (
+    DISCLAIMER,
+    source_datasets,
+    write_dicom_results,
+    write_dicom_series,
+)
 from cradl.io import read_image
 
 
@@ -67,9 +72,9 @@ def test_batch_on_a_dicom_series_writes_a_parametric_map_equal_to_the_nifti_heat
                           "--model", str(tiny_model), "--workers", "1", "--quiet"],
                          capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr
-    row = next(csv.DictReader(open(tmp_path / "summary.csv")))
+    row = next(csv.DictReader((tmp_path / "summary.csv").read_text().splitlines()))
     assert row["status"] == "ok" and row["pmap"].endswith("series_pmap.dcm")
-    report = json.loads(open(row["report"]).read())
+    report = json.loads(Path(row["report"]).read_text())
     heatmap = sitk.ReadImage(row["heatmap"])
     pmap = pydicom.dcmread(row["pmap"])
     sources = _source_positions(series)
@@ -94,7 +99,6 @@ def test_batch_on_a_dicom_series_writes_a_parametric_map_equal_to_the_nifti_heat
 
 def test_regions_round_trip_through_a_dicom_segmentation(series, tiny_detector, tmp_path):
     import highdicom as hd
-
     from cradl.io import write_image
     from cradl.regions import find_regions
 

@@ -3,17 +3,13 @@ chromium + chromium-driver, driven through Selenium): it loads offline, lists sc
 re-sorts when a header is clicked, and every thumbnail and link resolves."""
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
 import tempfile
 from pathlib import Path
 from urllib.parse import unquote
 
-import numpy as np
 import pytest
 import SimpleITK as sitk
-
 from cradl.batch.summary import write_summary
 from cradl.batch.worklist import triage_order, write_worklist
 
@@ -86,7 +82,7 @@ def test_worklist_in_headless_chromium(batch_folder, tmp_path):
     try:
         driver.set_page_load_timeout(60)
         driver.get((out / "worklist.html").as_uri())
-        names = lambda: [td.text for td in driver.find_elements(By.CSS_SELECTOR, "#worklist tbody td.name")]  # noqa: E731
+        names = lambda: [td.text for td in driver.find_elements(By.CSS_SELECTOR, "#worklist tbody td.name")]
         assert names() == ["high.nii.gz", "mid.nii.gz", "low <scan>.nii.gz", "bad.nii.gz"]
         # every thumbnail decoded (a broken link has naturalWidth 0), one per scored scan
         images = driver.find_elements(By.CSS_SELECTOR, "img.thumb")

@@ -8,4 +8,4 @@ from .runner import detect_scan, run_dask_batch
 from .summary import SUMMARY_COLUMNS, write_summary
 from .worklist import write_worklist
 
-__all__ = ["detect_scan", "run_dask_batch", "SUMMARY_COLUMNS", "write_summary", "write_worklist"]
+__all__ = ["SUMMARY_COLUMNS", "detect_scan", "run_dask_batch", "write_summary", "write_worklist"]

@@ -63,15 +63,15 @@ def resume_check(scans: list[Path], out: Path, model: str | None, workers: int =
 
     import psutil
 
-    from .runner import DONE_FOLDER, make_tasks, read_valid_record
     from ..cli import _batch_plan
+    from .runner import DONE_FOLDER, make_tasks, read_valid_record
 
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
     command = [sys.executable, "-m", "cradl", "detect", *map(str, scans), "--out-dir", str(out), "--quiet",
                "--workers", str(workers)] + (["--model", model] if model else [])
-    records = lambda: len(list((out / DONE_FOLDER).glob("*.json"))) if (out / DONE_FOLDER).is_dir() else 0  # noqa: E731
+    records = lambda: len(list((out / DONE_FOLDER).glob("*.json"))) if (out / DONE_FOLDER).is_dir() else 0
     run = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     events = {}
     try:

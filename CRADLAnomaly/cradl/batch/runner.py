@@ -117,8 +117,8 @@ def detect_scan(task: dict) -> dict:
     """Detect one scan and write its outputs; returns its summary row (never raises for a bad scan)."""
     import torch
 
-    from ..io import read_image
     from ..cli import _write_outputs
+    from ..io import read_image
 
     started = time.perf_counter()
     row = empty_row(task)
