@@ -556,7 +556,9 @@ class CRADLAnomalyLogic(ScriptedLoadableModuleLogic):
     # ---------------------------------------------------------------- model
     @staticmethod
     def defaultModelPath():
-        return os.path.join(os.path.dirname(__file__), "Resources", "Models", "cradl_default.cradl")
+        from cradl.bundle import DEFAULT_MODEL  # no torch: the bundle module imports it only to build a network
+
+        return str(DEFAULT_MODEL)
 
     @staticmethod
     def workerPython():

@@ -63,3 +63,11 @@ def test_brain_extraction_is_installed_after_torch_with_the_core_pin():
     requirements = (Path(__file__).resolve().parents[1] / "requirements.txt").read_text().split()
     assert D.DEEPBET_REQUIREMENT in requirements
     assert "brain extraction" in D.confirmationText(D.installPlan(missing, pyTorchExtension=True))
+
+
+def test_every_pin_the_code_names_is_the_pin_in_requirements_txt():
+    from cradl import pins
+
+    requirements = (Path(__file__).resolve().parents[1] / "requirements.txt").read_text().split()
+    named = [value for name, value in vars(pins).items() if name.isupper()]
+    assert named and all(pin in requirements for pin in named), named

@@ -19,7 +19,7 @@ MODULE_PATTERNS = ("*.py", "Resources/UI/*.ui", "Resources/Icons/*", "Resources/
 
 
 def _cmake(path: Path) -> str:
-    return re.sub(r"(^|\s)#[^\n]*", r"\1", path.read_text())
+    return re.sub(r"(^|\s)#[^\n]*", r"\1", path.read_text(encoding="utf-8"))
 
 
 def _set_lists(text: str) -> dict[str, list[str]]:
@@ -107,7 +107,7 @@ def test_icon_is_128_square_png():
 
 
 def _module_ast():
-    return ast.parse((MODULE / "CRADLAnomaly.py").read_text())
+    return ast.parse((MODULE / "CRADLAnomaly.py").read_text(encoding="utf-8"))
 
 
 def test_module_script_follows_the_scripted_module_template():
@@ -117,7 +117,7 @@ def test_module_script_follows_the_scripted_module_template():
     assert classes["CRADLAnomalyWidget"] == ["ScriptedLoadableModuleWidget", "VTKObservationMixin"]
     assert classes["CRADLAnomalyLogic"] == ["ScriptedLoadableModuleLogic"]
     assert classes["CRADLAnomalyTest"] == ["ScriptedLoadableModuleTest"]
-    source = (MODULE / "CRADLAnomaly.py").read_text()
+    source = (MODULE / "CRADLAnomaly.py").read_text(encoding="utf-8")
     assert "2301.02126" in source and "self.parent.acknowledgementText" in source
     assert "processFiles" in source and "def process(" in source
     assert 'resourcePath("UI/CRADLAnomaly.ui")' in source
@@ -126,7 +126,7 @@ def test_module_script_follows_the_scripted_module_template():
 def test_ui_file_is_valid_and_has_every_widget_the_module_uses():
     tree = ET.parse(MODULE / "Resources/UI/CRADLAnomaly.ui")
     names = {w.get("name") for w in tree.iter("widget")}
-    used = set(re.findall(r"self\.ui\.(\w+)", (MODULE / "CRADLAnomaly.py").read_text()))
+    used = set(re.findall(r"self\.ui\.(\w+)", (MODULE / "CRADLAnomaly.py").read_text(encoding="utf-8")))
     assert used, "the widget binds its controls through self.ui"
     missing = used - names
     assert not missing, f"widgets used in CRADLAnomaly.py but absent from the .ui: {sorted(missing)}"
@@ -141,7 +141,7 @@ def test_ui_file_is_valid_and_has_every_widget_the_module_uses():
 
 def test_scene_bridge_has_no_qt_and_no_application_globals():
     for path in (MODULE / "CRADLAnomalyLib").glob("*.py"):
-        tree = ast.parse(path.read_text())
+        tree = ast.parse(path.read_text(encoding="utf-8"))
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
                 mods = [a.name for a in node.names]
@@ -173,13 +173,13 @@ def _shipped_python_files():
 @pytest.mark.parametrize("version", sorted(SLICER_PYTHON))
 def test_module_bridge_and_core_parse_on_each_supported_slicers_python(version):
     for path in _shipped_python_files():
-        ast.parse(path.read_text(), filename=str(path), feature_version=SLICER_PYTHON[version])
+        ast.parse(path.read_text(encoding="utf-8"), filename=str(path), feature_version=SLICER_PYTHON[version])
 
 
 def test_new_style_annotations_are_never_evaluated_on_python_3_9():
     """``X | None`` in an annotation is a TypeError on Python 3.9 unless annotations stay strings."""
     for path in _shipped_python_files():
-        tree = ast.parse(path.read_text())
+        tree = ast.parse(path.read_text(encoding="utf-8"))
         future = any(isinstance(n, ast.ImportFrom) and n.module == "__future__" and
                      any(a.name == "annotations" for a in n.names) for n in tree.body)
         for node in ast.walk(tree):
@@ -193,7 +193,7 @@ def test_new_style_annotations_are_never_evaluated_on_python_3_9():
                 if any(isinstance(n, ast.BinOp) and isinstance(n.op, ast.BitOr) for n in ast.walk(annotation)):
                     assert future, f"{path.relative_to(ROOT)}:{node.lineno} needs 'from __future__ import annotations'"
     # The parameter node's annotations are evaluated (typing.get_type_hints): no | there at all.
-    source = (MODULE / "CRADLAnomaly.py").read_text()
+    source = (MODULE / "CRADLAnomaly.py").read_text(encoding="utf-8")
     assert "from __future__ import annotations" not in source
 
 
@@ -215,13 +215,13 @@ def test_core_needs_stay_within_what_the_oldest_supported_slicer_ships():
 def test_extension_depends_on_pytorch_and_ships_a_license():
     sets = {k: " ".join(v) for k, v in _set_lists(_cmake(ROOT / "CMakeLists.txt")).items()}
     assert sets["EXTENSION_DEPENDS"] == "PyTorch"
-    license_text = (ROOT / "LICENSE").read_text()
+    license_text = (ROOT / "LICENSE").read_text(encoding="utf-8")
     assert "Apache License" in license_text and "Version 2.0" in license_text
-    assert 'license = { text = "Apache-2.0" }' in (ROOT / "pyproject.toml").read_text()
+    assert 'license = { text = "Apache-2.0" }' in (ROOT / "pyproject.toml").read_text(encoding="utf-8")
 
 
 def test_module_never_calls_qrgb_and_saves_model_path_history():
-    source = (MODULE / "CRADLAnomaly.py").read_text()
+    source = (MODULE / "CRADLAnomaly.py").read_text(encoding="utf-8")
     assert "qt.qRgb" not in source
     tree = ET.parse(MODULE / "Resources/UI/CRADLAnomaly.ui")
     keyed = [w.get("name") for w in tree.iter("widget") if w.get("class") == "ctkPathLineEdit"
@@ -232,7 +232,7 @@ def test_module_never_calls_qrgb_and_saves_model_path_history():
 
 def test_parameter_node_names_match_the_ui():
     """connectGui binds each parameter to the widget whose SlicerParameterName names it."""
-    tree = ast.parse((MODULE / "CRADLAnomaly.py").read_text())
+    tree = ast.parse((MODULE / "CRADLAnomaly.py").read_text(encoding="utf-8"))
     wrapper = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "CRADLAnomalyParameterNode")
     assert any(ast.unparse(d) == "parameterNodeWrapper" for d in wrapper.decorator_list)
     params = {n.target.id for n in wrapper.body if isinstance(n, ast.AnnAssign)}

@@ -8,7 +8,7 @@ import pytest
 import SimpleITK as sitk
 
 from cradl.errors import InputError
-from cradl.io import atomic_files, atomic_path, read_image, validate_image, write_json
+from cradl.io import atomic_files, atomic_path, plain_json, read_image, scan_stem, validate_image, write_json
 
 
 def volume(shape=(24, 40, 64), value=None, dtype=np.float32, spacing=(1.0, 1.6, 3.0)) -> sitk.Image:
@@ -406,3 +406,20 @@ def test_a_250_byte_name_gets_a_temporary_the_file_system_allows(tmp_path):
     with pytest.raises(OutputError, match="file name too long"):
         with atomic_path(tmp_path / ("h" * 300 + ".json")):
             pass
+
+
+def test_scan_stem_drops_the_image_suffix_only():
+    assert scan_stem("/data/sub-01_T1w.nii.gz") == "sub-01_T1w"
+    assert scan_stem("a/b/Scan.NRRD") == "Scan"
+    assert scan_stem("x.nhdr") == scan_stem("x.mhd") == scan_stem("x.dcm") == "x"
+    assert scan_stem("/data/dicom/series7/") == "series7"  # a DICOM series folder keeps its name
+    assert scan_stem("notes.v2.txt") == "notes.v2.txt"
+
+
+def test_plain_json_makes_numpy_values_plain():
+    value = {1: np.float32(0.5), "a": (np.int64(3), np.bool_(True)), "b": np.arange(3), "c": [np.inf, 1.234567]}
+    plain = plain_json(value)
+    assert plain == {"1": 0.5, "a": [3, True], "b": [0, 1, 2], "c": [float("inf"), 1.234567]}
+    assert [type(v) for v in plain["a"]] == [int, bool] and type(plain["1"]) is float
+    assert plain_json(value, digits=2)["c"] == [None, 1.23]  # evaluation tables: NaN/inf become null
+    json.dumps(plain_json(value, digits=2), allow_nan=False)

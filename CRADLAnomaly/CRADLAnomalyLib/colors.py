@@ -1,30 +1,21 @@
 """The heatmap colour table: transparent at low scores, then a perceptually ordered heat ramp.
 
 Built procedurally (the slicer-core wheel lacks the application's file-based tables such as
-Inferno, and a procedural table needs no file to ship). Colours follow matplotlib's *inferno*
-from dark purple to pale yellow, skipping its near-black start, which would be invisible over an
-MRI; opacity ramps up smoothly over the lowest part of the range so faint evidence fades into the
-anatomy instead of tinting it.
+Inferno, and a procedural table needs no file to ship). Colours are the core's heat ramp
+(``cradl.colormap``: inferno from dark purple to pale yellow, as in the quick-look PNG); opacity
+ramps up smoothly over the lowest part of the range so faint evidence fades into the anatomy
+instead of tinting it.
 """
 from __future__ import annotations
 
 import numpy as np
+from cradl.colormap import heat_rgb
 
 COLOR_TABLE_NAME = "CRADL Anomaly Heat"
 COLOR_TABLE_ATTRIBUTE = "CRADL.ColorTable"
 NUMBER_OF_COLORS = 256
 
-# Samples of matplotlib's inferno colour map at 17 evenly spaced points (0, 1/16, ..., 1).
-_INFERNO = np.array([
-    (0.001, 0.000, 0.014), (0.042, 0.028, 0.141), (0.129, 0.047, 0.291), (0.238, 0.037, 0.396),
-    (0.342, 0.062, 0.429), (0.441, 0.099, 0.432), (0.541, 0.135, 0.415), (0.640, 0.171, 0.381),
-    (0.736, 0.216, 0.330), (0.822, 0.275, 0.266), (0.894, 0.353, 0.194), (0.947, 0.449, 0.115),
-    (0.978, 0.558, 0.035), (0.988, 0.675, 0.065), (0.975, 0.798, 0.206), (0.948, 0.917, 0.411),
-    (0.988, 0.998, 0.645),
-])
-
-# Part of inferno used (dark purple -> pale yellow), and the opacity ramp over the table.
-_INFERNO_START = 0.22
+# The opacity ramp over the table.
 TRANSPARENT_BELOW = 0.04   # fraction of the range that is fully transparent
 OPAQUE_FROM = 0.40         # fraction of the range from which the colour is fully opaque
 
@@ -32,9 +23,7 @@ OPAQUE_FROM = 0.40         # fraction of the range from which the colour is full
 def heatRGBA(n: int = NUMBER_OF_COLORS) -> np.ndarray:
     """(n, 4) RGBA in [0, 1]: entry 0 (score 0) fully transparent, opacity rising with the score."""
     t = np.linspace(0.0, 1.0, n)
-    u = _INFERNO_START + (1.0 - _INFERNO_START) * t
-    anchors = np.linspace(0.0, 1.0, len(_INFERNO))
-    rgb = np.stack([np.interp(u, anchors, _INFERNO[:, c]) for c in range(3)], axis=1)
+    rgb = heat_rgb(t)
     ramp = np.clip((t - TRANSPARENT_BELOW) / (OPAQUE_FROM - TRANSPARENT_BELOW), 0.0, 1.0)
     alpha = ramp * ramp * (3.0 - 2.0 * ramp)  # smoothstep
     return np.concatenate([rgb, alpha[:, None]], axis=1)

@@ -15,6 +15,8 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass
 
+from cradl.pins import DEEPBET
+
 SUPPORTED_SLICER = "5.8"  # and later
 SLICER_SHIPS = {
     "5.8.1": {"python": "3.9.10", "numpy": "1.26.4", "scipy": "1.13.1", "SimpleITK": "2.3.1"},
@@ -30,9 +32,9 @@ TORCH_VERSION_REQUIREMENT = ">=2.0"
 TORCH_REQUIREMENT = "torch" + TORCH_VERSION_REQUIREMENT
 TORCH_CPU_INDEX_URL = "https://download.pytorch.org/whl/cpu"
 
-# Brain extraction for heads with skull (the core's cradl.brain): deepbet, pinned as in requirements.txt.
+# Brain extraction for heads with skull (the core's cradl.brain): deepbet, pinned in cradl.pins.
 # It needs torch, so it is installed after it (pip then finds torch satisfied and leaves it alone).
-DEEPBET_REQUIREMENT = "deepbet==1.0.2"
+DEEPBET_REQUIREMENT = DEEPBET
 DEEPBET_DOWNLOAD_MB = 35  # the wheel (10 MB, network weights inside) and pandas, fill_voids, cc3d
 
 # Approximate download sizes, for the prompt (PyTorch 2.x wheels, 2024-2025).

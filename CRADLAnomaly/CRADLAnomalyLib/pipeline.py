@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from cradl.errors import DetectionCancelled
+from cradl.io import plain_json
 
 from . import display as D
 from . import nodes as N
@@ -37,9 +38,7 @@ class SceneResult:
 
 
 def _report(result) -> dict:
-    report = result.to_report() if hasattr(result, "to_report") else {}
-    # Make sure it is plain JSON (the core's report should be already).
-    return json.loads(json.dumps(report, default=lambda v: v.item() if hasattr(v, "item") else str(v)))
+    return plain_json(result.to_report() if hasattr(result, "to_report") else {})  # the core's should be already
 
 
 def applyResult(scene, inputNode, result, inputImage=None, show: bool = True,

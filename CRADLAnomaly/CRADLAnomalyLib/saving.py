@@ -8,10 +8,9 @@ import os
 import re
 from contextlib import contextmanager
 
-import numpy as np
 
 from cradl.errors import CradlError
-from cradl.io import AtomicFiles, atomic_files
+from cradl.io import AtomicFiles, atomic_files, plain_json, scan_stem
 
 from .errors import BridgeError
 
@@ -23,11 +22,7 @@ REPORT_SUFFIX = "_anomaly_report.json"
 
 def safeBaseName(name: str) -> str:
     """A file-name stem from a node name or input path ('T1 brain.nii.gz' -> 'T1_brain')."""
-    base = os.path.basename(os.path.normpath(str(name)))
-    for ext in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".seg.nrrd", ".gz", ".dcm"):
-        if base.lower().endswith(ext):
-            base = base[: -len(ext)]
-            break
+    base = scan_stem(os.path.normpath(str(name)))
     base = re.sub(r"[^A-Za-z0-9._-]+", "_", base).strip("._")
     return base or "scan"
 
@@ -60,17 +55,9 @@ class _FolderFiles:
             raise BridgeError(f"Saving failed: {exc}.") from None
 
 
-def _jsonDefault(value):
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
-
-
 def writeJson(path: str, data: dict):
     with open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, default=_jsonDefault)
+        json.dump(plain_json(data), f, indent=2)
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())

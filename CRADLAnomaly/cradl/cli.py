@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .errors import CradlError, InputError, OutputError
 from .io import (IMAGE_SUFFIXES, atomic_files, check_output_path, is_image_path, read_image, same_geometry,
-                 stderr_lock, write_image, write_image_to, write_json_to, writing)
+                 scan_stem, stderr_lock, write_image, write_image_to, write_json_to, writing)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 EXIT_TERMINATED = 128 + signal.SIGTERM
@@ -135,14 +135,6 @@ def _expand_inputs(inputs) -> list[Path]:
 def _is_dicom_folder(folder: Path) -> bool:
     import SimpleITK as sitk
     return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
-
-
-def scan_stem(path: Path) -> str:
-    name = path.name
-    for suffix in sorted(IMAGE_SUFFIXES, key=len, reverse=True):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
 
 
 def run_detect(args) -> int:

@@ -53,6 +53,37 @@ def is_image_path(path: Path) -> bool:
     return path.is_file() and name.endswith(IMAGE_SUFFIXES)
 
 
+def scan_stem(path: str | os.PathLike) -> str:
+    """A scan's name without its image suffix ('sub-01_T1w.nii.gz' -> 'sub-01_T1w'); a DICOM series folder keeps
+    its name. The one stem of a scan for every output name (CLI batch and the Slicer module)."""
+    name = Path(path).name
+    for suffix in sorted(IMAGE_SUFFIXES + (".dcm",), key=len, reverse=True):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def plain_json(value, digits: int | None = None):
+    """`value` in plain JSON types: numpy scalars and arrays become Python numbers and lists, tuples lists, keys
+    strings. With `digits`, floats are rounded and NaN or infinite ones become None (evaluation tables)."""
+    if isinstance(value, dict):
+        return {str(k): plain_json(v, digits) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_json(v, digits) for v in value]
+    if isinstance(value, np.ndarray):
+        return plain_json(value.tolist(), digits)
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        v = float(value)
+        if digits is None:
+            return v
+        return round(v, digits) if np.isfinite(v) else None
+    return value
+
+
 # ---------------------------------------------------------------- library messages
 
 _STDERR_LOCK = threading.RLock()

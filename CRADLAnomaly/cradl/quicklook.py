@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import SimpleITK as sitk
-from matplotlib import colormaps
 from PIL import Image, ImageDraw
 
+from .colormap import heat_rgb
 from .io import atomic_path
 from .space import ras_to_lps
 
@@ -24,7 +24,7 @@ def _panel(plane: np.ndarray, heat: np.ndarray, aspect: float, threshold: float,
     grey = np.clip((plane - lo) / max(hi - lo, 1e-6), 0, 1)
     rgb = np.repeat(grey[..., None], 3, axis=2)
     level = np.clip(heat / vmax, 0, 1)
-    colour = colormaps["inferno"](0.25 + 0.75 * level)[..., :3]
+    colour = heat_rgb(level)
     alpha = np.where(heat >= threshold, 0.75, np.clip(heat / threshold, 0, 1) * 0.25)[..., None]
     blended = (1 - alpha) * rgb + alpha * colour
     picture = Image.fromarray((blended * 255).astype(np.uint8))
@@ -55,7 +55,7 @@ def write_quicklook(image: sitk.Image, heatmap: sitk.Image, path, centre_ras=Non
     sheet = Image.new("RGB", (3 * PANEL, PANEL + bar_h), "black")
     for i, p in enumerate(panels):
         sheet.paste(p, (i * PANEL, 0))
-    ramp = colormaps["inferno"](np.linspace(0.25, 1, 2 * PANEL))[:, :3]
+    ramp = heat_rgb(np.linspace(0, 1, 2 * PANEL))
     sheet.paste(Image.fromarray((np.tile(ramp[None], (10, 1, 1)) * 255).astype(np.uint8)), (PANEL // 2, PANEL + 6))
     draw = ImageDraw.Draw(sheet)
     draw.text((4, PANEL + 4), "0", fill="white")

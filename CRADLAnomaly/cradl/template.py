@@ -12,6 +12,11 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from .pins import NILEARN
+
+# Label values of the tissue maps made from the template's probability maps (synthetic scans, lesion placement).
+BACKGROUND, CSF, GM, WM = 0, 1, 2, 3
+
 _FILES = {
     "t1": "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
     "gm": "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz",
@@ -22,7 +27,7 @@ _FILES = {
 def _data_dir() -> Path:
     spec = importlib.util.find_spec("nilearn")
     if spec is None or spec.origin is None:
-        raise RuntimeError("The MNI152 template comes from the nilearn package: pip install nilearn==0.14.1")
+        raise RuntimeError(f"The MNI152 template comes from the nilearn package: pip install {NILEARN}")
     return Path(spec.origin).parent / "datasets" / "data"
 
 

@@ -31,10 +31,10 @@ import SimpleITK as sitk
 from scipy import ndimage as ndi
 
 from ..io import atomic_path, write_json
+from ..template import CSF, GM, WM
 
 ANOMALY_TYPES = ("tumour", "stroke", "wm_lesions", "resection", "blob", "noise_patch", "deformation", "copy_patch")
 
-_CSF, _GM, _WM = 1, 2, 3
 # Deformations: a voxel counts as anomalous where it is displaced by more than half a voxel (of the
 # finest spacing). A half-voxel shift moves an edge by half a voxel, which changes the voxel's value
 # by about half the edge contrast: the smallest change a reader can see; smaller shifts only
@@ -124,7 +124,7 @@ class _Scan:
         sub = (slice(None, None, 2),) * 3
         arr, lab = self.arr[sub], self.lab[sub]
         out = {}
-        for name, value in (("csf", _CSF), ("gm", _GM), ("wm", _WM)):
+        for name, value in (("csf", CSF), ("gm", GM), ("wm", WM)):
             vals = arr[lab == value]
             out[name] = float(np.median(vals)) if vals.size else float(np.median(self.arr[self.brain]))
         return out
@@ -132,7 +132,7 @@ class _Scan:
     def noise_sigma(self) -> float:
         """Noise level from differences of neighbouring white-matter voxels (robust: median absolute)."""
         a, lab = self.arr, self.lab
-        both = (lab[:, :, 1:] == _WM) & (lab[:, :, :-1] == _WM)
+        both = (lab[:, :, 1:] == WM) & (lab[:, :, :-1] == WM)
         diff = (a[:, :, 1:] - a[:, :, :-1])[both]
         if diff.size < 100:
             return 0.0
@@ -204,7 +204,7 @@ class _Inserter:
         self.mask = np.zeros(scan.arr.shape, np.uint8)
 
     # -- placement
-    def centre(self, depth_min: float = 0.0, depth_max: float = np.inf, tissues=(_GM, _WM), extra=None):
+    def centre(self, depth_min: float = 0.0, depth_max: float = np.inf, tissues=(GM, WM), extra=None):
         depth, lab, _ = self.s.coarse()
         base = np.isin(lab, tissues) & (depth > 0)
         cand = base & (depth >= depth_min) & (depth <= depth_max)
@@ -265,7 +265,7 @@ def _tumour(ins: _Inserter, size_mm: float):
     R = size_mm / 2
     depth, clab, _ = s.coarse()
     prefer_wm = rng.random() < 0.75
-    centre = ins.centre(depth_min=max(0.6 * R, 3.0), tissues=(_WM,) if prefer_wm else (_GM, _WM))
+    centre = ins.centre(depth_min=max(0.6 * R, 3.0), tissues=(WM,) if prefer_wm else (GM, WM))
     r_support = 2.0 * R
     sl, off = s.crop(centre, r_support + 2 * s.spacing.max())
     r = np.sqrt((off ** 2).sum(0))
@@ -291,7 +291,7 @@ def _tumour(ins: _Inserter, size_mm: float):
     # oedema: irregular shell out to R, strongest near the core, spreading in WM, weaker in GM, none in CSF
     r_oed = R * np.clip(1 + 0.15 * _field(r.shape, s.spacing_zyx, max(0.3 * R, 1.5), rng), 0.75, 1.0)
     w = np.clip((r_oed - r) / np.maximum(0.4 * (r_oed - rc), s.min_spacing), 0, 1)
-    tissue_w = np.select([lab == _WM, lab == _GM], [1.0, 0.35], 0.0).astype(np.float32)
+    tissue_w = np.select([lab == WM, lab == GM], [1.0, 0.35], 0.0).astype(np.float32)
     w_oed = (w * tissue_w * ~core).astype(np.float32)
     under = ins.under(lab)
     tex = 1 + 0.06 * _field(r.shape, s.spacing_zyx, 2.0, rng)
@@ -327,12 +327,12 @@ def _stroke(ins: _Inserter, size_mm: float):
         where = (np.abs(d[0]) < 0.25) & (d[1] < 0.3) & (d[2] > 0.1)
     else:                     # occipital and inferior temporal, posterior
         where = (d[1] > 0.45) & (d[2] > -0.2) & (d[2] < 0.55)     # above the cerebellum
-    centre = ins.centre(depth_max=6.0, tissues=(_GM,), extra=where)
+    centre = ins.centre(depth_max=6.0, tissues=(GM,), extra=where)
     sl, off = s.crop(centre, R + 2 * s.spacing.max() + 4)
     arr, lab = s.arr[sl], s.lab[sl]
     r = np.sqrt((off ** 2).sum(0))
     # inward axis: towards the white matter under this piece of cortex
-    near_wm = (lab == _WM) & (r < max(R, 8.0) + 4)
+    near_wm = (lab == WM) & (r < max(R, 8.0) + 4)
     inward = off[:, near_wm].mean(axis=1) if near_wm.any() else -(s.phys(centre) - mid)
     inward = inward / max(np.linalg.norm(inward), 1e-6)
     apex = inward * (1.1 * R + 1.0)                                   # deep apex, base at the cortex
@@ -345,11 +345,11 @@ def _stroke(ins: _Inserter, size_mm: float):
     side = np.sign(s.phys(centre)[0] - mid[0]) or 1.0
     wedge &= (side * (off[0] + (s.phys(centre)[0] - mid[0])) > 0)
     # grey matter, and white matter within 3 mm of it (juxtacortical)
-    dist_gm = ndi.distance_transform_edt(lab != _GM, sampling=s.spacing_zyx)
-    tissue = np.select([lab == _GM, (lab == _WM) & (dist_gm <= 3.0)], [1.0, 0.8], 0.0).astype(np.float32)
+    dist_gm = ndi.distance_transform_edt(lab != GM, sampling=s.spacing_zyx)
+    tissue = np.select([lab == GM, (lab == WM) & (dist_gm <= 3.0)], [1.0, 0.8], 0.0).astype(np.float32)
     w = np.clip(1.4 * ndi.gaussian_filter(wedge.astype(np.float32), np.maximum(0.6 / s.spacing_zyx, 0.3)), 0, 1)
     w *= tissue
-    w[r <= s.min_spacing] = np.maximum(w[r <= s.min_spacing], 1.0 * (lab[r <= s.min_spacing] == _GM))
+    w[r <= s.min_spacing] = np.maximum(w[r <= s.min_spacing], 1.0 * (lab[r <= s.min_spacing] == GM))
     bias = ins.local_bias(arr, lab)
     tex = 1 + 0.05 * _field(r.shape, s.spacing_zyx, 2.0, rng)
     arr += w * (ins.t["stroke"] * tex - ins.under(lab)) * bias
@@ -362,16 +362,16 @@ def _wm_lesions(ins: _Inserter, size_mm: float):
     R = size_mm / 2
     depth, clab, strides = s.coarse()
     coarse_sp = s.spacing_zyx * strides
-    ventricles = (clab == _CSF) & (depth >= 15.0)
+    ventricles = (clab == CSF) & (depth >= 15.0)
     dist_v = ndi.distance_transform_edt(~ventricles, sampling=coarse_sp) if ventricles.any() else np.full(depth.shape, np.inf)
-    periventricular = (clab == _WM) & (dist_v <= 12.0)
-    centre = ins.centre(depth_min=8.0, tissues=(_WM,), extra=periventricular)
+    periventricular = (clab == WM) & (dist_v <= 12.0)
+    centre = ins.centre(depth_min=8.0, tissues=(WM,), extra=periventricular)
     n_lesions = int(np.clip(1 + size_mm // 8, 1, 8))
     sl, off = s.crop(centre, R + 2 * s.spacing.max())
     arr, lab = s.arr[sl], s.lab[sl]
     r = np.sqrt((off ** 2).sum(0))
     lo = np.array([a.start for a in sl])
-    cand = (lab == _WM)
+    cand = (lab == WM)
     w = np.zeros(r.shape, np.float32)
     irregular = 0.1 * _field(r.shape, s.spacing_zyx, 1.5, rng)
     for n in range(n_lesions):
@@ -388,7 +388,7 @@ def _wm_lesions(ins: _Inserter, size_mm: float):
         axes = dl / 2 * np.array([1.0, rng.uniform(0.55, 1.0), rng.uniform(0.5, 1.0)])
         nrm = _ellipsoid_norm(off - c_off[:, None, None, None], axes, _random_rotation(rng)) + irregular
         w = np.maximum(w, np.clip((1.05 - nrm) / 0.15, 0, 1))
-    w *= (lab == _WM) & (r <= R)
+    w *= (lab == WM) & (r <= R)
     bias = ins.local_bias(arr, lab)
     tex = 1 + 0.08 * _field(r.shape, s.spacing_zyx, 1.0, rng)
     arr += w * (ins.t["wml"] * tex - ins.under(lab)) * bias
@@ -421,7 +421,7 @@ def _resection(ins: _Inserter, size_mm: float):
 def _ellipsoid_region(ins: _Inserter, size_mm: float, depth_frac: float = 0.6):
     s, rng = ins.s, ins.rng
     R = size_mm / 2
-    centre = ins.centre(depth_min=depth_frac * R, tissues=(_CSF, _GM, _WM))
+    centre = ins.centre(depth_min=depth_frac * R, tissues=(CSF, GM, WM))
     sl, off = s.crop(centre, R + 2 * s.spacing.max())
     axes = R * np.array([1.0, rng.uniform(0.7, 1.0), rng.uniform(0.7, 1.0)])
     region = (_ellipsoid_norm(off, axes, _random_rotation(rng)) <= 1.0) & s.brain[sl]
@@ -457,7 +457,7 @@ def _noise_patch(ins: _Inserter, size_mm: float):
 def _deformation(ins: _Inserter, size_mm: float):
     s, rng = ins.s, ins.rng
     R = size_mm / 2
-    centre = ins.centre(depth_min=0.4 * R, tissues=(_CSF, _GM, _WM))
+    centre = ins.centre(depth_min=0.4 * R, tissues=(CSF, GM, WM))
     sl, off = s.crop(centre, R + 2 * s.spacing.max())
     r = np.sqrt((off ** 2).sum(0))
     gamma = rng.uniform(2.2, 3.2)
@@ -484,7 +484,7 @@ def _copy_patch(ins: _Inserter, size_mm: float):
     pts = s.coarse_phys()
     dist = np.sqrt(((pts - s.phys(centre)[:, None, None, None]) ** 2).sum(0))
     far = dist >= max(size_mm, 25.0)
-    src = ins.centre(depth_min=0.5 * size_mm / 2, tissues=(_CSF, _GM, _WM), extra=far)
+    src = ins.centre(depth_min=0.5 * size_mm / 2, tissues=(CSF, GM, WM), extra=far)
     shift = np.asarray(src) - np.asarray(centre)
     lo = np.array([a.start for a in sl])
     grids = np.meshgrid(*[np.arange(a.start, a.stop) for a in sl], indexing="ij")

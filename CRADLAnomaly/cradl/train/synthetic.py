@@ -30,12 +30,9 @@ import SimpleITK as sitk
 from scipy import ndimage as ndi
 
 from ..io import write_json
-from ..template import load_mni
+from ..template import BACKGROUND, load_mni
 
 CONTRASTS = ("t1", "t2", "flair")
-
-# label values of the tissue maps
-BACKGROUND, CSF, GM, WM = 0, 1, 2, 3
 
 # Random tissue means (fraction of the scan's intensity scale), disjoint ranges so the order holds.
 _TISSUE_MEANS = {
