@@ -5,7 +5,6 @@ shell over ``CRADLAnomalyLib`` (scene bridge, tested against a real MRML scene) 
 (the core). Nothing here computes.
 """
 import enum
-import logging
 import os
 import pathlib
 import shutil
@@ -14,7 +13,6 @@ import time
 from typing import Annotated, Optional, Union
 from unittest import SkipTest
 
-import ctk
 import qt
 import vtk
 
@@ -299,7 +297,8 @@ class CRADLAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self._infoJob = None
         if job.state != lib.DONE:
-            self.ui.modelInfoLabel.text = f"<span style='color:#c0392b'>{job.error or 'Could not read the model.'}</span>"
+            message = job.error or "Could not read the model."
+            self.ui.modelInfoLabel.text = f"<span style='color:#c0392b'>{message}</span>"
             return
         info = job.result()
         training = info.get("training") or {}
@@ -375,7 +374,8 @@ class CRADLAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     self.ui.modelPathLineEdit.addCurrentPathToHistory()
             except Exception as error:  # noqa: BLE001
                 self._setBusy(False, "Failed.")
-                slicer.util.errorDisplay(f"Could not show the result:\n{_userMessage(error)}", detailedText=_traceback())
+                slicer.util.errorDisplay(f"Could not show the result:\n{_userMessage(error)}",
+                                         detailedText=_traceback())
         elif state == lib.FAILED:
             self._setBusy(False, "Failed.")
             slicer.util.errorDisplay(f"Anomaly detection failed:\n{task.job.error}",
@@ -585,8 +585,9 @@ class CRADLAnomalyLogic(ScriptedLoadableModuleLogic):
         """Start detection in a worker process; the scene is read now. Poll the returned task
         (``poll()``, ``fraction``, ``message``, ``cancel()``) and call ``finishDetection`` when done."""
         import CRADLAnomalyLib as lib
-        return lib.SceneDetection(slicer.mrmlScene, volumeNode, maskNode, modelPath=modelPath or self.defaultModelPath(),
-                                  device=device, python=self.workerPython())
+        return lib.SceneDetection(slicer.mrmlScene, volumeNode, maskNode,
+                                  modelPath=modelPath or self.defaultModelPath(), device=device,
+                                  python=self.workerPython())
 
     def finishDetection(self, task, showResult=True, opacity=None):
         """Build the result nodes from a finished task, on the main thread. Returns (heatmap node, report)."""

@@ -5,6 +5,7 @@ The tiny model is trained once per test session (about half a minute on 2 CPU co
 """
 from __future__ import annotations
 
+import locale
 import os
 from pathlib import Path
 
@@ -13,6 +14,16 @@ import pytest
 import SimpleITK as sitk
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture(autouse=True)
+def _keep_the_locale():
+    """SimpleITK's DICOM writer (used here to make test series) sets the C locale and leaves it, which turns
+    Python's default text encoding into ASCII for every later test in the process: put it back."""
+    saved = locale.setlocale(locale.LC_ALL)
+    yield
+    if locale.setlocale(locale.LC_ALL) != saved:
+        locale.setlocale(locale.LC_ALL, saved)
 
 TINY_RECIPE = dict(slice_size=64, spacing_mm=3.0, width=12, feature_dim=32, grid=4, geometry="light",
                    projection_dim=32, epochs=6,

@@ -62,7 +62,7 @@ def measure(label: str, *args: str) -> None:
                          capture_output=True, text=True, cwd=ROOT / "CRADLAnomaly")
     rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", run.stderr).group(1))
     wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)", run.stderr).group(1)
-    first = next((l for l in run.stderr.splitlines() if l.strip() and not l.startswith("\t")), "")
+    first = next((line for line in run.stderr.splitlines() if line.strip() and not line.startswith("\t")), "")
     print(f"{label}: exit {run.returncode}, peak RSS {rss / 1024:.0f} MiB, wall {wall}; {first[:160]}")
 
 

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "CRADLAnomaly"))
 
 from cradl import space  # noqa: E402
 import CRADLAnomalyLib as lib  # noqa: E402
-from CRADLAnomalyLib import geometry, nodes, pipeline, render, review  # noqa: E402
+from CRADLAnomalyLib import geometry, pipeline, render, review  # noqa: E402
 from CRADLAnomalyLib.sample import resampleOblique  # noqa: E402
 
 

@@ -285,7 +285,8 @@ def test_nan_anywhere_in_the_manifest_is_refused(bundle_path):
     def plant(members):
         import hashlib
 
-        members["manifest.json"] = members["manifest.json"].replace(b'"voxel_threshold": 2.0', b'"voxel_threshold": NaN')
+        members["manifest.json"] = members["manifest.json"].replace(b'"voxel_threshold": 2.0',
+                                                                    b'"voxel_threshold": NaN')
         members["manifest.sha256"] = hashlib.sha256(members["manifest.json"]).hexdigest().encode()
 
     _rewrite(bundle_path, plant)

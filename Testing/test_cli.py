@@ -26,7 +26,7 @@ def digest(path) -> str:
 
 def assert_clean_failure(run, out_dir, expected):
     assert run.returncode == 2, run.stderr
-    lines = [l for l in run.stderr.strip().splitlines() if l.strip()]
+    lines = [line for line in run.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and expected in lines[0], run.stderr
     assert "Traceback" not in run.stderr
     leftovers = [p.name for p in out_dir.iterdir()]

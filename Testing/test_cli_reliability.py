@@ -35,7 +35,7 @@ def digest(path) -> str:
 
 def one_line_exit_2(run, expected=""):
     assert run.returncode == 2, (run.returncode, run.stderr)
-    lines = [l for l in run.stderr.splitlines() if l.strip()]
+    lines = [line for line in run.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and expected in lines[0], run.stderr
     return lines[0]
 

@@ -135,7 +135,8 @@ def test_ui_file_is_valid_and_has_every_widget_the_module_uses():
     assert {c for c in classes if c.startswith(("ctk", "qMRML"))} <= declared
     receivers = {c.findtext("receiver") for c in tree.iter("connection")
                  if c.findtext("signal") == "mrmlSceneChanged(vtkMRMLScene*)"}
-    mrmlWidgets = {w.get("name") for w in tree.iter("widget") if w.get("class", "").startswith("qMRML")} - {"CRADLAnomaly"}
+    mrmlWidgets = {w.get("name") for w in tree.iter("widget")
+                   if w.get("class", "").startswith("qMRML")} - {"CRADLAnomaly"}
     assert mrmlWidgets <= receivers, "every MRML widget must get the scene"
 
 

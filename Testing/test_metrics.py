@@ -136,7 +136,8 @@ def _case(i, kind, size, score, detected=None, fp=0):
     pos, neg = score_histograms(heat, lesion)
     slice_labels = lesion.reshape(2, -1).any(1)
     return CaseScores(f"c{i}", kind, size, score, np.array([score, 0.0]), slice_labels, pos, neg,
-                      dice_at_threshold=None if kind == "normal" else float(bool(detected)), n_regions=fp + bool(detected),
+                      dice_at_threshold=None if kind == "normal" else float(bool(detected)),
+                      n_regions=fp + bool(detected),
                       n_false_regions=fp, detected=None if kind == "normal" else bool(detected))
 
 

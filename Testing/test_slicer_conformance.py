@@ -154,7 +154,8 @@ def test_the_check_catches_a_name_slicer_does_not_have():
     bad = problems(usedChains("image.setPixel(0, 0, qt.qRgb(1, 2, 3))"))
     assert bad == ["qt.qRgb: PythonQt has no qt.qRgb"]
     assert problems(usedChains("qt.QColor(1, 2, 3).rgb()")) == []
-    assert problems(usedChains("slicer.util.noSuchHelper()")) == ["slicer.util.noSuchHelper: slicer.util has no noSuchHelper"]
+    assert problems(usedChains("slicer.util.noSuchHelper()")) == [
+        "slicer.util.noSuchHelper: slicer.util has no noSuchHelper"]
     assert problems(usedChains("ctk.ctkNoSuchWidget()"))
     assert problems(usedChains("slicer.vtkMRMLTableNode.SetUseColumnTitleAsColumnHeaderX"))
     assert problems(usedChains("qt.QImage.Format_NoSuchFormat"))
@@ -235,14 +236,15 @@ def test_bridge_vtk_methods_exist_in_slicer_core():
     bad = set()
     for path in sorted((MODULE / "CRADLAnomalyLib").glob("*.py")):
         tree = ast.parse(path.read_text())
-        otherModules = {(a.asname or a.name).split(".")[0] for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
-                        for a in n.names} - {"slicer", "vtk"}
+        otherModules = {(a.asname or a.name).split(".")[0] for n in ast.walk(tree)
+                        if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names} - {"slicer", "vtk"}
         for node in ast.walk(tree):
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
                     and not (isinstance(node.func.value, ast.Name) and node.func.value.id in otherModules):
                 name = node.func.attr
                 if re.match(r"^[A-Z][a-z]+[A-Z]\w*$|^(Get|Set|Add|Remove|Is)\w+$", name) and name not in known:
-                    if not name.startswith(("Get", "Set")) or name not in dir(sys.modules["SimpleITK"] if "SimpleITK" in sys.modules else object):
+                    sitkDir = dir(sys.modules["SimpleITK"] if "SimpleITK" in sys.modules else object)
+                    if not name.startswith(("Get", "Set")) or name not in sitkDir:
                         bad.add(f"{path.name}: {name}")
     import SimpleITK
 

@@ -77,7 +77,8 @@ def test_same_seed_gives_identical_files_other_seed_differs(cohort, tmp_path):
             (out / "labels" / path.name.replace(".nii.gz", "_labels.nii.gz")).read_bytes()
     a, _ = make_normal_scan(np.random.default_rng(5), "t1")
     b, _ = make_normal_scan(np.random.default_rng(6), "t1")
-    assert a.GetSize() != b.GetSize() or not np.array_equal(sitk.GetArrayViewFromImage(a), sitk.GetArrayViewFromImage(b))
+    assert a.GetSize() != b.GetSize() or not np.array_equal(sitk.GetArrayViewFromImage(a),
+                                                            sitk.GetArrayViewFromImage(b))
 
 
 def test_geometry_varies_like_real_scans():

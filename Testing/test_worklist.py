@@ -82,7 +82,9 @@ def test_worklist_in_headless_chromium(batch_folder, tmp_path):
     try:
         driver.set_page_load_timeout(60)
         driver.get((out / "worklist.html").as_uri())
-        names = lambda: [td.text for td in driver.find_elements(By.CSS_SELECTOR, "#worklist tbody td.name")]
+        def names():
+            return [td.text for td in driver.find_elements(By.CSS_SELECTOR, "#worklist tbody td.name")]
+
         assert names() == ["high.nii.gz", "mid.nii.gz", "low <scan>.nii.gz", "bad.nii.gz"]
         # every thumbnail decoded (a broken link has naturalWidth 0), one per scored scan
         images = driver.find_elements(By.CSS_SELECTOR, "img.thumb")

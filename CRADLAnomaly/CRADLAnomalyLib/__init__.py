@@ -21,3 +21,17 @@ from .pipeline import (SceneResult, SceneDetection, applyResult, detectVolumeNod
                        reportOf, saveSceneResults)
 from .worker import DetectionJob, ModelInfoJob, WorkerError, RUNNING, DONE, FAILED, CANCELLED
 from . import dependencies
+
+__all__ = [  # the bridge's public names, re-exported
+    "BridgeError", "userMessage", "imageFromVolumeNode", "updateVolumeNodeFromImage", "ijkToRasArray",
+    "ijkToRasFromImage", "maskImageFromNode", "placeOnInputGrid", "parentTransformToWorld",
+    "getOrCreateHeatColorNode", "heatRGBA", "legendImage", "COLOR_TABLE_NAME", "setupHeatmapDisplay", "showOverlay",
+    "setOverlayOpacity", "setHeatmapThreshold", "heatmapThreshold", "heatmapDisplayMax", "calibratedThreshold",
+    "addColorLegend", "DEFAULT_OPACITY", "findResultNode", "findResultNodes", "removeResultNodes", "nodesByClass",
+    "isResultNode", "resultNodeIDs", "nodes", "fillSliceScoreTable", "fillRegionTable", "setupSliceScorePlot",
+    "jumpSlicesToRAS", "sliceCentre", "regionCentre", "nextRegionRow", "summarize", "percentileWords",
+    "sliceRowFromPlotSelection", "NORMAL_Z_LIMIT", "createSegmentation", "rankedRegionLabels", "saveFileResults",
+    "safeBaseName", "SceneResult", "SceneDetection", "applyResult", "detectVolumeNode", "inputImages",
+    "processFiles", "reportOf", "saveSceneResults", "DetectionJob", "ModelInfoJob", "WorkerError", "RUNNING",
+    "DONE", "FAILED", "CANCELLED", "dependencies"
+]

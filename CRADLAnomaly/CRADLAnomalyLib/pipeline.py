@@ -12,7 +12,6 @@ import os
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 from cradl.errors import DetectionCancelled
 from cradl.io import plain_json
 

@@ -194,8 +194,6 @@ def nextRegionRow(tableNode, currentRow: int | None) -> int | None:
 
 def jumpSlicesToRAS(scene, ras, centered: bool = True):
     """Move every slice view to ``ras`` (world RAS mm); centred views keep it in the middle."""
-    import slicer
-
     sliceNodes = N.nodesByClass(scene, "vtkMRMLSliceNode")
     for sliceNode in sliceNodes:
         if centered:

@@ -146,7 +146,8 @@ def _read_bundle(path, check_network: bool) -> tuple[Path, dict, str, dict[str, 
     except ModelError:
         raise
     except zipfile.BadZipFile:
-        raise ModelError(f"{path} is not a CRADL model bundle (not a valid bundle archive; truncated or foreign)") from None
+        raise ModelError(f"{path} is not a CRADL model bundle (not a valid bundle archive; truncated or "
+                         "foreign)") from None
     except Exception as exc:  # noqa: BLE001 - a damaged archive fails in zipfile/zlib in many ways; all mean the same
         raise ModelError(f"{path} is damaged ({type(exc).__name__}: {' '.join(str(exc).split())[:160]})") from None
     return path, manifest, fingerprint, arrays

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .errors import CradlError, InputError, OutputError
 from .io import (IMAGE_SUFFIXES, atomic_files, check_output_path, is_image_path, read_image, same_geometry,
-                 scan_stem, stderr_lock, write_image, write_image_to, write_json_to, writing)
+                 scan_stem, stderr_lock, write_image_to, write_json_to, writing)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 EXIT_TERMINATED = 128 + signal.SIGTERM
@@ -178,7 +178,8 @@ def run_detect(args) -> int:
         plan = _batch_plan(paths, out_dir, args.no_heatmap, protected)
     if args.workers is not None or args.scheduler:
         if not batch:
-            raise CradlError("--workers and --scheduler run batch mode: use --out-dir instead of --heatmap/--report/--png")
+            raise CradlError("--workers and --scheduler run batch mode: use --out-dir instead of "
+                             "--heatmap/--report/--png")
         from .batch import run_dask_batch
 
         return run_dask_batch(paths, plan, out_dir, model=args.model, device=args.device, mask=args.mask,
@@ -480,7 +481,8 @@ def _add_train(sub):
     p.add_argument("--spacing", type=float, help="reference grid spacing in mm")
     p.add_argument("--width", type=int, help="encoder width (channels of the first stage)")
     p.add_argument("--feature-dim", type=int)
-    p.add_argument("--grid", type=int, help="encoder pooling grid: 1 = global pooling; >1 keeps a coarse spatial layout")
+    p.add_argument("--grid", type=int,
+                   help="encoder pooling grid: 1 = global pooling; >1 keeps a coarse spatial layout")
     p.add_argument("--geometry", choices=["strong", "light"],
                    help="geometric augmentation: SimCLR's crops and flips, or light jitter for aligned slices")
     p.add_argument("--learning-rate", type=float)

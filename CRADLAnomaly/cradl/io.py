@@ -31,7 +31,7 @@ from typing import Iterator
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import CradlError, InputError, OutputError
+from .errors import InputError, OutputError
 
 log = logging.getLogger(__name__)
 
@@ -321,10 +321,10 @@ def _header_lines(path: Path, stop) -> tuple[list[str], int]:
 
 
 def _locate_metaimage(layout: ImageLayout) -> None:
-    lines, length = _header_lines(layout.path, lambda l: l.split("=")[0].strip() == "ElementDataFile")
+    lines, length = _header_lines(layout.path, lambda line: line.split("=")[0].strip() == "ElementDataFile")
     if length < 0:
         return
-    fields = {l.split("=", 1)[0].strip(): l.split("=", 1)[1].strip() for l in lines if "=" in l}
+    fields = {line.split("=", 1)[0].strip(): line.split("=", 1)[1].strip() for line in lines if "=" in line}
     target = fields.get("ElementDataFile", "")
     compressed = fields.get("CompressedData", "False").lower() == "true"
     if target == "LOCAL":
@@ -341,7 +341,7 @@ def _locate_metaimage(layout: ImageLayout) -> None:
 
 
 def _locate_nrrd(layout: ImageLayout) -> None:
-    lines, length = _header_lines(layout.path, lambda l: l == "")
+    lines, length = _header_lines(layout.path, lambda line: line == "")
     fields = {}
     for line in lines:
         if ":" in line and not line.startswith("#"):
@@ -441,7 +441,8 @@ def _check_dicom_members(folder: Path, what: str) -> None:
         try:
             info = os.stat(entry.path)  # follows links: a dangling link or a loop raises
         except OSError as exc:
-            bad.append(f"{entry.name} ({'link loop' if exc.errno == errno.ELOOP else 'broken link' if entry.is_symlink() else exc.strerror})")
+            why = "link loop" if exc.errno == errno.ELOOP else "broken link" if entry.is_symlink() else exc.strerror
+            bad.append(f"{entry.name} ({why})")
             continue
         if stat.S_ISDIR(info.st_mode):
             continue
@@ -734,7 +735,9 @@ def verify_image_file(written: Path, image: sitk.Image, final: str | os.PathLike
     with captured_library_output():
         reader.ReadImageInformation()
     stored = sitk.Image([1] * image.GetDimension(), sitk.sitkUInt8)
-    stored.SetSpacing(reader.GetSpacing()), stored.SetOrigin(reader.GetOrigin()), stored.SetDirection(reader.GetDirection())
+    stored.SetSpacing(reader.GetSpacing())
+    stored.SetOrigin(reader.GetOrigin())
+    stored.SetDirection(reader.GetDirection())
     probe = sitk.Image([1] * image.GetDimension(), sitk.sitkUInt8)
     probe.CopyInformation(image[tuple(slice(0, 1) for _ in range(image.GetDimension()))])
     if tuple(reader.GetSize()) != tuple(image.GetSize()) or not same_geometry(stored, probe):
@@ -753,7 +756,8 @@ def write_json_to(data: dict, tmp: Path, path: str | os.PathLike, strict: bool =
     try:
         text = json.dumps(data, indent=2, allow_nan=not strict) + "\n"
     except ValueError:
-        raise OutputError(f"cannot write {path}: the data hold NaN or infinite numbers (is the model damaged?)") from None
+        raise OutputError(f"cannot write {path}: the data hold NaN or infinite numbers "
+                          "(is the model damaged?)") from None
     payload = text.encode("utf-8")
     with writing(path):
         with open(tmp, "wb") as stream:
@@ -761,4 +765,5 @@ def write_json_to(data: dict, tmp: Path, path: str | os.PathLike, strict: bool =
             stream.flush()
             os.fsync(stream.fileno())
         if tmp.stat().st_size != len(payload):
-            raise OutputError(f"writing {path} failed: only {tmp.stat().st_size} of {len(payload)} bytes reached the disk")
+            raise OutputError(f"writing {path} failed: only {tmp.stat().st_size} of {len(payload)} bytes reached "
+                              "the disk")

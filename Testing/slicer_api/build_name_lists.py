@@ -60,7 +60,8 @@ def python_top_names(source: str) -> set:
 # ------------------------------------------------------------------ C++ headers: classes and members
 CLASS_RE = re.compile(r"^class\s+(?:\w+_EXPORT\s+)?(\w+)\s*(?::\s*([^{;]+))?\{", re.M)
 PROPERTY_RE = re.compile(r"Q_PROPERTY\(\s*[\w:<>*& ]+?[\s*&]+(\w+)\s+(?:READ|MEMBER)")
-METHOD_RE = re.compile(r"(?:^|[\s*&:])(~?\w+)\s*\([^;{}]*\)\s*(?:const)?\s*(?:override|final)?\s*(?:=\s*0)?\s*[;{]", re.M)
+METHOD_RE = re.compile(r"(?:^|[\s*&:])(~?\w+)\s*\([^;{}]*\)\s*(?:const)?\s*(?:override|final)?"
+                       r"\s*(?:=\s*0)?\s*[;{]", re.M)
 ENUM_RE = re.compile(r"\benum\s+(?:class\s+)?(\w*)\s*(?::\s*\w+\s*)?\{([^}]*)\}", re.S)
 KEYWORDS = {"if", "for", "while", "switch", "return", "sizeof", "Q_DECLARE_PRIVATE", "Q_OBJECT", "Q_ENUM",
             "Q_ENUMS", "Q_FLAGS", "Q_FLAG", "Q_DISABLE_COPY", "Q_DECLARE_PUBLIC", "Q_PROPERTY", "Q_INVOKABLE",
@@ -117,7 +118,8 @@ def intersect_classes(per_version: list) -> dict:
 
 
 # ------------------------------------------------------------------ PythonQt: the `qt` module
-REGISTER_RE = re.compile(r"registerClass\(&(\w+)::staticMetaObject,\s*\"(\w+)\"|registerCPPClass\(\"(\w+)\",\s*\"\w*\",\s*\"(\w+)\"")
+REGISTER_RE = re.compile(r"registerClass\(&(\w+)::staticMetaObject,\s*\"(\w+)\""
+                         r"|registerCPPClass\(\"(\w+)\",\s*\"\w*\",\s*\"(\w+)\"")
 
 
 def pythonqt_names(repo, ref, generated) -> tuple[dict, list]:
@@ -153,9 +155,9 @@ def pythonqt_names(repo, ref, generated) -> tuple[dict, list]:
         paths.append(path) if "PythonQtWrapper_" in text else None
     std = show(repo, ref, "src/PythonQtStdDecorators.h")
     qobject = {m for m in re.findall(r"\b(\w+)\(QObject\*", std)}
-    classes.setdefault("QObject", set()).update(qobject | {"connect", "disconnect", "blockSignals", "setProperty",
-                                                           "property", "objectName", "parent", "children",
-                                                           "findChild", "findChildren"} & (qobject | {"connect", "disconnect"}))
+    common = {"connect", "disconnect", "blockSignals", "setProperty", "property", "objectName", "parent", "children",
+              "findChild", "findChildren"}
+    classes.setdefault("QObject", set()).update(qobject | common & (qobject | {"connect", "disconnect"}))
     classes.setdefault("Qt", set())
     for name in classes:
         classes[name] |= wrappers.get(name, set())
@@ -176,7 +178,8 @@ def main():
     sources, per = {}, {k: [] for k in ("util", "top", "modules", "pnw", "sampledata", "qt", "ctk", "qmrml", "app")}
     for tag in SUPPORTED_TAGS:
         commit = git(S, "rev-list", "-n1", tag).strip()
-        ctkCommit = re.search(r'Slicer_\$\{proj\}_GIT_TAG\s*"(\w+)"', show(S, tag, "SuperBuild/External_CTK.cmake")).group(1)
+        ctkCommit = re.search(r'Slicer_\$\{proj\}_GIT_TAG\s*"(\w+)"',
+                              show(S, tag, "SuperBuild/External_CTK.cmake")).group(1)
         pq = re.search(r"set\(revision_tag (\w+)\)\s*#\s*(\S+)", show(C, ctkCommit, "CMakeExternals/PythonQt.cmake"))
         pqCommit, pqLabel = pq.group(1), pq.group(2)
         if has(P, pqCommit):
@@ -184,14 +187,15 @@ def main():
         else:  # commontk's patch branch of an upstream release: read the release it patches
             release = "v" + re.search(r"v(\d+\.\d+\.\d+)", pqLabel).group(1)
             pqRepo, pqRef, pqName = PU, release, "MeVisLab/pythonqt"
-        cmakeText = show(pqRepo, pqRef, "CMakeLists.txt") if "CMakeLists.txt" in git(pqRepo, "ls-tree", "--name-only", pqRef) else ""
-        generated = "generated_cpp_515" if "generated_cpp_515" in git(pqRepo, "ls-tree", "--name-only", pqRef) else "generated_cpp_511"
+        topLevel = git(pqRepo, "ls-tree", "--name-only", pqRef)
+        generated = "generated_cpp_515" if "generated_cpp_515" in topLevel else "generated_cpp_511"
         sources[tag] = {
             "slicer": {"repo": "Slicer/Slicer", "tag": tag, "commit": commit},
             "ctk": {"repo": "commontk/CTK", "commit": ctkCommit, "pinned_by": "SuperBuild/External_CTK.cmake"},
             "pythonqt": {"repo": pqName, "ref": pqRef, "pinned_by_ctk": f"{pqCommit} ({pqLabel})",
                          "wrappers": generated, "note": "" if pqRepo is P else
-                         "the pinned commontk commit is not in the clone; names read from the upstream release it patches"},
+                         "the pinned commontk commit is not in the clone; names read from the upstream release it "
+                         "patches"},
         }
         per["util"].append(python_top_names(show(S, tag, "Base/Python/slicer/util.py")))
         init = show(S, tag, "Base/Python/slicer/__init__.py")
@@ -201,7 +205,8 @@ def main():
         per["top"].append({n for n in top if not n.startswith("_")} | {"modules", "moduleNames", "app", "mrmlScene"})
         modules = set()
         for kind in ("Loadable", "Scripted", "CLI"):
-            modules |= {p.split("/")[2].lower() for p in files(S, tag, f"Modules/{kind}", "CMakeLists.txt") if p.count("/") == 3}
+            modules |= {p.split("/")[2].lower() for p in files(S, tag, f"Modules/{kind}", "CMakeLists.txt")
+                        if p.count("/") == 3}
         per["modules"].append(modules)
         pnw = set()
         for path in files(S, tag, "Base/Python/slicer/parameterNodeWrapper", ".py"):
@@ -211,14 +216,17 @@ def main():
         qtClasses, qtPaths = pythonqt_names(pqRepo, pqRef, generated)
         sources[tag]["pythonqt"]["files"] = len(qtPaths)
         per["qt"].append({k: {"bases": [], "names": v} for k, v in qtClasses.items()})
-        ctkClasses, ctkPaths = classes_from_headers(C, ctkCommit, ["Libs/Core", "Libs/Widgets", "Libs/Visualization/VTK/Widgets",
+        ctkClasses, ctkPaths = classes_from_headers(C, ctkCommit, ["Libs/Core", "Libs/Widgets",
+                                                                  "Libs/Visualization/VTK/Widgets",
                                                                   "Libs/Scripting/Python/Widgets"], r"^ctk\w+")
         sources[tag]["ctk"]["files"] = ctkPaths
         per["ctk"].append(ctkClasses)
-        qmrml, qmrmlPaths = classes_from_headers(S, tag, ["Libs/MRML/Widgets", "Base/QTGUI", "Base/QTCore"], r"^q(MRML|Slicer)\w+")
+        qmrml, qmrmlPaths = classes_from_headers(S, tag, ["Libs/MRML/Widgets", "Base/QTGUI", "Base/QTCore"],
+                                                 r"^q(MRML|Slicer)\w+")
         sources[tag]["slicer"]["widget_headers"] = qmrmlPaths
         per["qmrml"].append(qmrml)
-        app, appPaths = classes_from_headers(S, tag, ["Modules/Loadable/Colors/Logic", "Modules/Loadable/Segmentations/Logic",
+        app, appPaths = classes_from_headers(S, tag, ["Modules/Loadable/Colors/Logic",
+                                                      "Modules/Loadable/Segmentations/Logic",
                                                       "Modules/Loadable/Plots/Logic", "Libs/vtkSegmentationCore"],
                                              r"^vtk(Slicer\w+Logic|Segmentation\w*|Segment)$")
         sources[tag]["slicer"]["logic_headers"] = appPaths

@@ -363,7 +363,8 @@ def _wm_lesions(ins: _Inserter, size_mm: float):
     depth, clab, strides = s.coarse()
     coarse_sp = s.spacing_zyx * strides
     ventricles = (clab == CSF) & (depth >= 15.0)
-    dist_v = ndi.distance_transform_edt(~ventricles, sampling=coarse_sp) if ventricles.any() else np.full(depth.shape, np.inf)
+    dist_v = (ndi.distance_transform_edt(~ventricles, sampling=coarse_sp) if ventricles.any()
+              else np.full(depth.shape, np.inf))
     periventricular = (clab == WM) & (dist_v <= 12.0)
     centre = ins.centre(depth_min=8.0, tissues=(WM,), extra=periventricular)
     n_lesions = int(np.clip(1 + size_mm // 8, 1, 8))
@@ -557,7 +558,10 @@ def _copy_atomic(src: Path, dst: Path) -> None:
 
 def generate_anomaly_set(normal_dir, out_dir, seed: int, sizes_mm=(5, 10, 20, 35, 50), types=ANOMALY_TYPES,
                          n_per_combo: int = 1, n_normals: int = 10, progress: bool = True) -> Path:
-    """Inserts anomalies into the scans of normal_dir (a folder written by generate_normal_cohort, using its labels/ subfolder), writes out_dir/case_000.nii.gz + out_dir/masks/case_000_mask.nii.gz and out_dir/manifest.json listing every case {image, mask (null for normals), type ('normal' for clean scans), size_mm, contrast, source}. Normal (unmodified) scans are included as their own cases. Returns the manifest path."""
+    """Inserts anomalies into the scans of normal_dir (a folder written by generate_normal_cohort, using its labels/
+    subfolder), writes out_dir/case_000.nii.gz + out_dir/masks/case_000_mask.nii.gz and out_dir/manifest.json
+    listing every case {image, mask (null for normals), type ('normal' for clean scans), size_mm, contrast,
+    source}. Normal (unmodified) scans are included as their own cases. Returns the manifest path."""
     from ..train.synthetic import write_image_atomic
 
     normal_dir, out_dir = Path(normal_dir), Path(out_dir)
@@ -606,7 +610,8 @@ def generate_anomaly_set(normal_dir, out_dir, seed: int, sizes_mm=(5, 10, 20, 35
                 m = sitk.GetArrayViewFromImage(mask)
                 entry["volume_mm3"] = float(m.sum() * np.prod(mask.GetSpacing()))
                 idx = np.argwhere(m).mean(axis=0)[::-1]
-                entry["centre_lps"] = [round(float(v), 2) for v in mask.TransformContinuousIndexToPhysicalPoint(idx.tolist())]
+                centre = mask.TransformContinuousIndexToPhysicalPoint(idx.tolist())
+                entry["centre_lps"] = [round(float(v), 2) for v in centre]
                 entry["details"] = {k: v for k, v in info.items() if k != "contrast"}
                 write_image_atomic(mask, out_dir / entry["mask"])
                 write_image_atomic(abnormal, out_dir / entry["image"])

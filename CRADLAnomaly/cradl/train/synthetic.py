@@ -216,7 +216,8 @@ def _sample_parameters(rng: np.random.Generator, contrast: str | None) -> dict:
 
 def make_normal_scan(rng: np.random.Generator, contrast: str | None = None,
                      _params_out: dict | None = None, _overrides: dict | None = None) -> tuple[sitk.Image, sitk.Image]:
-    """One synthetic normal brain: (image float32, tissue labels uint8: 0 background, 1 CSF, 2 GM, 3 WM) on the same grid.
+    """One synthetic normal brain: (image float32, tissue labels uint8: 0 background, 1 CSF, 2 GM, 3 WM) on the
+    same grid.
 
     `contrast` is 't1', 't2' or 'flair' (random when None). Intensities are rounded to whole numbers
     (about 0-1000) so that writing them as int16 loses nothing. `_params_out`, when given, receives
