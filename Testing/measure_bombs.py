@@ -12,6 +12,7 @@ happens (Testing/test_limits.py).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import re
 import subprocess
@@ -21,8 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
+from cradl.bundle import DEFAULT_MODEL as MODEL  # the bundled model the bombs are made from
+
 ROOT = Path(__file__).resolve().parent.parent
-MODEL = ROOT / "CRADLAnomaly" / "Resources" / "Models" / "cradl_default.cradl"
 
 
 def header_bomb(path: Path, n: int) -> Path:
@@ -45,6 +47,8 @@ def rewrite_bundle(source: Path, target: Path, edit_manifest=None, big_member: s
         manifest = json.loads(members["manifest.json"])
         edit_manifest(manifest)
         members["manifest.json"] = json.dumps(manifest).encode()
+        if "manifest.sha256" in members:  # format 2: the bomb must pass the checksum to reach the check it tests
+            members["manifest.sha256"] = (hashlib.sha256(members["manifest.json"]).hexdigest() + "\n").encode()
     with zipfile.ZipFile(target, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         for name, data in members.items():
             if name == big_member:

@@ -19,8 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "CRADLAnomaly"))
 import CRADLAnomalyLib as lib  # noqa: E402
 from CRADLAnomalyLib import geometry, nodes, pipeline, render, worker  # noqa: E402
 from CRADLAnomalyLib.sample import sampleScan  # noqa: E402
-
-MODEL = Path(__file__).resolve().parents[1] / "CRADLAnomaly/Resources/Models/cradl_default.cradl"
+from cradl.bundle import DEFAULT_MODEL as MODEL  # noqa: E402
 pytestmark = pytest.mark.skipif(not MODEL.is_file(), reason="the bundled model is not built")
 
 
