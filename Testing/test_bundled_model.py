@@ -9,6 +9,7 @@ import pytest
 import SimpleITK as sitk
 
 from cradl import AnomalyDetector
+from cradl import realdata
 from cradl.bundle import DEFAULT_MODEL, load_bundle
 
 
@@ -19,7 +20,8 @@ def test_the_default_model_is_bundled_with_the_module_and_small():
 
 def test_its_manifest_names_the_training_recipe_and_calibration():
     manifest = load_bundle().manifest
-    assert manifest["name"] == "cradl-default"
+    assert manifest["name"] == "cradl-default" and manifest["contrasts"] == ["t1"]
+    assert manifest["calibration"]["typicality"]["limit"] > 0
     recipe = manifest["training"]["recipe"]
     for key in ("epochs", "slice_size", "spacing_mm", "grid", "gmm_components", "seed"):
         assert key in recipe
@@ -52,10 +54,22 @@ def test_the_readme_demo_writes_heatmap_report_and_png(demo):
     assert "percentile" in run.stdout
 
 
-def test_on_the_demo_scan_the_top_region_overlaps_the_inserted_lesion(demo):
+def test_it_was_trained_on_the_recorded_split_and_never_saw_the_test_subjects():
+    split = load_bundle().manifest["training"]["data_split"]
+    recorded = realdata.recorded_split()
+    for group in ("train", "validation", "calibration", "test"):
+        assert split[group] == recorded[group]
+    seen = set(split["train"]) | set(split["validation"]) | set(split["calibration"])
+    assert not seen & set(split["test"])
+    assert "IXI033-HH-1259" in split["test"]  # the demo's sample subject is held out
+
+
+def test_on_the_demo_scan_the_top_region_overlaps_the_painted_lesion(demo):
     run, out = demo
-    assert "top region overlaps the inserted lesion" in run.stdout, run.stdout
-    assert json.loads((out / "sample_report.json").read_text())["volume_percentile"] >= 95
+    assert "top region overlaps the painted lesion" in run.stdout, run.stdout
+    report = json.loads((out / "sample_report.json").read_text())
+    assert report["volume_percentile"] >= 95 and not report["out_of_distribution"]
+    assert report["brain_extraction"] == "network"  # a head with skull
 
 
 def test_the_demo_lesion_scores_far_above_its_normal_twin(sample_case):

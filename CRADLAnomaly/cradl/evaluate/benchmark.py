@@ -359,7 +359,8 @@ def machine_description() -> str:
     import torch
     cpu = platform.processor() or platform.machine()
     return (f"{platform.system()} {cpu}, {os.cpu_count()} CPU cores, torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads), {'CUDA ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}")
+            f"({torch.get_num_threads()} threads), "
+            f"{'CUDA ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}")
 
 
 def _write_outputs(results: dict, out_json: Path | None, out_md: Path | None) -> None:

@@ -19,8 +19,8 @@ import SimpleITK as sitk
 
 from .. import calibration as calib
 from .. import realdata
-from .benchmark import _jsonable, _meta, evaluate_cases, machine_description  # noqa: F401
-from .metrics import CaseScores, bootstrap_ci, curve_metrics, sample_metrics, summarise
+from .benchmark import _jsonable, _meta, evaluate_cases
+from .metrics import CaseScores, bootstrap_ci, curve_metrics, summarise
 
 log = logging.getLogger("cradl.evaluate")
 
@@ -155,11 +155,17 @@ def markdown(results: dict) -> str:
     for method, groups in results["groups"].items():
         n, s, y = groups["normal"], groups.get("stroke", {}), groups.get("synthetic", {})
         patients = [groups[g] for g in PATIENT_GROUPS if g in groups]
-        top3 = (sum(p["top3_hit_rate"] * p["n"] for p in patients) / sum(p["n"] for p in patients)) if patients else None
-        pap = ", ".join(f"{g} {_f(groups[g]['lesion_voxels_only']['ap'], digits=3)}" for g in PATIENT_GROUPS if g in groups)
-        ci = lambda g, k: g.get("ci95", {}).get(k)  # noqa: E731
+        n_patients = sum(p["n"] for p in patients)
+        top3 = sum(p["top3_hit_rate"] * p["n"] for p in patients) / n_patients if patients else None
+        pap = ", ".join(f"{g} {_f(groups[g]['lesion_voxels_only']['ap'], digits=3)}"
+                        for g in PATIENT_GROUPS if g in groups)
+
+        def ci(group, key):
+            return group.get("ci95", {}).get(key)
+
         lines.append(" | ".join([
-            f"| {method}", _f(n["flagged_at_95th"], n["flagged_ci95"]), _f(n["fp_regions_per_scan"], n["fp_regions_ci95"]),
+            f"| {method}", _f(n["flagged_at_95th"], n["flagged_ci95"]),
+            _f(n["fp_regions_per_scan"], n["fp_regions_ci95"]),
             _f(s.get("volume", {}).get("auroc"), ci(s, "volume_auroc")),
             _f(s.get("voxel", {}).get("ap"), ci(s, "voxel_ap"), 3), _f(s.get("voxel", {}).get("best_dice")),
             _f(s.get("top1_hit_rate")), _f(y.get("volume", {}).get("auroc"), ci(y, "volume_auroc")),
@@ -170,7 +176,8 @@ def markdown(results: dict) -> str:
               f"{prep['seconds_median']:.1f} s per scan (median). Alignment: each of {prep['n_structures']} labelled "
               f"structures lands {prep['alignment_scatter_mm_median']:.1f} mm (median; 90th percentile "
               f"{prep['alignment_scatter_mm_p90']:.1f} mm) from its mean position over subjects."]
-    lines += ["", "Per patient (CRADL): percentile, out of distribution, lesion rank among regions, voxel AP, best Dice", "",
+    lines += ["", "Per patient (CRADL): percentile, out of distribution, lesion rank among regions, voxel AP, "
+              "best Dice", "",
               "| case | contrast | percentile | out of distribution | first region on lesion | voxel AP | best Dice |",
               "|---|---|---|---|---|---|---|"]
     main = next(iter(results["groups"]))

@@ -12,7 +12,6 @@ data set's own brain mask for BraTS, the scan's foreground for the (skull-stripp
 """
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -138,7 +137,8 @@ def write_real_set(out_dir: str | Path, root=None, mask_cache: str | Path | None
         kind = "brats" if patient.name.startswith("brats") else "ms"
         cases.append({"id": stem, "type": kind, "image": f"images/{stem}.nii.gz", "mask": f"masks/{stem}.nii.gz",
                       "size_mm": round(equivalent_diameter_mm(lesion.sum() * np.prod(image.GetSpacing())), 1),
-                      "contrast": patient.contrast, "subject": patient.name.split()[0], "brain": f"brains/{stem}.nii.gz"})
+                      "contrast": patient.contrast, "subject": patient.name.split()[0],
+                      "brain": f"brains/{stem}.nii.gz"})
     manifest = out / "manifest.json"
     write_json({"description": "real-data evaluation set: held-out IXI test subjects (normal, with real stroke "
                 "shapes painted in, with synthetic lesion types), real BraTS and MS patients",
