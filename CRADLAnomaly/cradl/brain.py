@@ -16,6 +16,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from .errors import InputError
+from .pins import DEEPBET
 from .space import array_from_ras_canonical, ras_canonical_array
 
 # A brain region of an adult is 1000-1800 ml; a child's from about 400 ml at one year. Outside these
@@ -35,7 +36,7 @@ def _network():
     try:
         from deepbet import BrainExtraction
     except ImportError:
-        raise InputError("brain extraction needs the deepbet package (pip install deepbet==1.0.2), "
+        raise InputError(f"brain extraction needs the deepbet package (pip install {DEEPBET}), "
                          "or give a brain mask") from None
     import torch
 

@@ -23,8 +23,9 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import CradlError, InputError
-from ..io import read_image, write_json
+from ..io import plain_json, read_image, write_json
 from ..regions import find_regions
+from .anomalies import ANOMALY_TYPES
 from .metrics import CaseScores, curve_metrics, dice, full_report, region_outcome, score_histograms
 
 log = logging.getLogger("cradl.evaluate")
@@ -42,8 +43,7 @@ class BenchmarkConfig:
     n_train: int = 60  # synthetic normal scans to train on (when the benchmark trains the model)
     n_test_normals: int = 20  # held-out synthetic normals: hosts of the anomalies and the clean test cases
     n_clean: int = 20  # clean (normal) cases in the test set
-    types: tuple = ("tumour", "stroke", "wm_lesions", "resection", "blob", "noise_patch", "deformation",
-                    "copy_patch")
+    types: tuple = ANOMALY_TYPES
     sizes_mm: tuple = (5.0, 10.0, 20.0, 35.0, 50.0)
     n_per_combo: int = 1
     recipe: dict = field(default_factory=dict)  # TrainConfig overrides when the benchmark trains its model
@@ -365,28 +365,11 @@ def machine_description() -> str:
 
 def _write_outputs(results: dict, out_json: Path | None, out_md: Path | None) -> None:
     if out_json is not None:
-        write_json(_jsonable(results), out_json)
+        write_json(plain_json(results, digits=5), out_json)
     if out_md is not None:
         from ..io import atomic_path
         with atomic_path(out_md) as tmp:
             Path(tmp).write_text(markdown_tables(results))
-
-
-def _jsonable(value):
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (np.floating, float)):
-        v = float(value)
-        return round(v, 5) if math.isfinite(v) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, np.bool_):
-        return bool(value)
-    if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
-    return value
 
 
 # ----------------------------------------------------------------------------- evaluate

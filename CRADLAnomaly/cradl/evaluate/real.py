@@ -19,7 +19,7 @@ import SimpleITK as sitk
 
 from .. import calibration as calib
 from .. import realdata
-from .benchmark import _jsonable, _meta, evaluate_cases
+from .benchmark import _meta, evaluate_cases
 from .metrics import CaseScores, bootstrap_ci, curve_metrics, summarise
 
 log = logging.getLogger("cradl.evaluate")
@@ -130,8 +130,8 @@ def run_real_benchmark(model, data_dir, out_dir, work_dir, root=None, device: st
                "groups": group_table(records, rows, n_boot), "cases": rows}
     results["meta"]["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
     results["meta"]["seconds"] = time.perf_counter() - started
-    from ..io import write_json
-    write_json(_jsonable(results), out / "results.json")
+    from ..io import plain_json, write_json
+    write_json(plain_json(results, digits=5), out / "results.json")
     (out / "results.md").write_text(markdown(results) + "\n")
     return results
 

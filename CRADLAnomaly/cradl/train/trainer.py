@@ -26,6 +26,7 @@ from ..gmm import GaussianMixtureNLL
 from ..io import IMAGE_SUFFIXES, atomic_path, read_image
 from ..localize import DEFAULT_LOCALIZATION, postprocess_saliency, score_and_saliency, score_slices
 from ..preprocess import DEFAULT_NORMALISATION, PreparedScan, prepare_scan
+from ..pins import DEEPBET
 from ..space import ReferenceSpace
 from ..typicality import fit_typicality
 from .augment import nt_xent, simclr_view
@@ -180,7 +181,7 @@ def train_model(normal_dirs, out: str | Path, config: TrainConfig = TrainConfig(
         "contrasts": list(contrasts),
         "reference": {"grid": space.grid.to_json(), "template": "MNI152 2009a symmetric T1 (nilearn)",
                       "min_brain_fraction": config.min_brain_fraction,
-                      "brain_extraction": {"method": "deepbet 1.0.2, or the scan's own region when already "
+                      "brain_extraction": {"method": f"{DEEPBET}, or the scan's own region when already "
                                            "skull-stripped", "masks_given": masks is not None}},
         "normalisation": config.normalisation,
         "encoder": {"width": config.width, "feature_dim": config.feature_dim, "grid": config.grid},
