@@ -694,7 +694,7 @@ def run_demo(args) -> int:
 
         heatmap = sitk.ReadImage(str(out / "sample_heatmap.nii.gz"))
         _, labels = find_regions(heatmap, report["threshold"], report["min_region_mm3"])
-        lesion = sitk.GetArrayViewFromImage(sitk.ReadImage(str(SAMPLE_LESION))) > 0
+        lesion = sitk.GetArrayFromImage(sitk.ReadImage(str(SAMPLE_LESION))) > 0
         overlap = np.logical_and(sitk.GetArrayViewFromImage(labels) == 1, lesion)
         print(f"top region {'overlaps' if overlap.any() else 'misses'} the painted lesion "
               f"({int(overlap.sum())} voxels in common)")

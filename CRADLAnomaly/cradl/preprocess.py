@@ -93,8 +93,9 @@ def brain_only(image: sitk.Image, mask: sitk.Image, normalisation: dict, spacing
     skull-stripped template, the whole head pulled the brain towards the skull and the neck.
     """
     coarse = coarse_copy(sitk.Cast(image, sitk.sitkFloat32), spacing_mm)
-    coarse_mask = sitk.GetArrayViewFromImage(resample(sitk.Cast(mask > 0, sitk.sitkUInt8), coarse,
-                                                      interpolator=sitk.sitkNearestNeighbor)) > 0
+    # a copy, not a view: the resampled image is a temporary, and a view into it would dangle
+    coarse_mask = sitk.GetArrayFromImage(resample(sitk.Cast(mask > 0, sitk.sitkUInt8), coarse,
+                                                  interpolator=sitk.sitkNearestNeighbor)) > 0
     if coarse_mask.sum() < 100:
         raise InputError("the brain mask covers almost none of the scan")
     array = normalise_intensity(sitk.GetArrayFromImage(coarse), coarse_mask, normalisation)
