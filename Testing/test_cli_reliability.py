@@ -280,3 +280,17 @@ def test_info_shows_one_fingerprint_and_refuses_a_bundle_bomb_with_one_line(tmp_
     assert json.loads(run.stdout)["fingerprint"] == "sha256:" + hashlib.sha256(raw).hexdigest()
     bomb = rewrite_bundle(MODEL, tmp_path / "bomb.cradl", edit_manifest=lambda m: m["encoder"].update(grid=400))
     one_line_exit_2(cradl("info", "--model", bomb), "encoder.grid must be an integer")
+
+
+def test_a_preparation_cache_written_by_numpy_is_accepted_and_an_object_array_refused(tmp_path):
+    import numpy as np
+
+    from cradl.cli import _check_resume_files
+    from cradl.errors import InputError
+
+    out = tmp_path / "model.cradl"
+    np.savez(out.with_suffix(".prep.npz"), paths=np.array(["a.nii.gz"]), v0=np.zeros((2, 3, 3), np.float16))
+    _check_resume_files(out)  # a cache as cradl train writes it: resumed from
+    np.savez(out.with_suffix(".prep.npz"), v0=np.array([{"x": 1}], dtype=object))
+    with pytest.raises(InputError, match="preparation cache"):
+        _check_resume_files(out)

@@ -459,7 +459,9 @@ def _check_resume_files(out: Path) -> None:
                 for info in archive.infolist():
                     with archive.open(info) as member:
                         version = np.lib.format.read_magic(member)
-                        _, _, dtype = np.lib.format._read_array_header(member, version)
+                        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                                       else np.lib.format.read_array_header_2_0)
+                        _, _, dtype = read_header(member)
                     if dtype.hasobject:
                         raise ValueError("object array")
         except Exception as exc:  # noqa: BLE001
