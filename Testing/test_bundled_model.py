@@ -72,10 +72,15 @@ def test_on_the_demo_scan_the_top_region_overlaps_the_painted_lesion(demo):
     assert report["brain_extraction"] == "network"  # a head with skull
 
 
-def test_the_demo_lesion_scores_far_above_its_normal_twin(sample_case):
-    """The tiny test model is too weak to separate them reliably; the bundled model must."""
+@pytest.mark.skipif(not realdata.available(), reason="shared real data not on this machine")
+def test_the_demo_lesion_scores_far_above_its_healthy_twin():
+    """The sample is a held-out subject's head with a painted infarct; the same head without it is normal."""
+    from cradl.cli import SAMPLE_SCAN
+
     detector = AnomalyDetector.load(device="cpu")
-    abnormal = detector.detect(sample_case[0], heatmap=False)
-    normal = detector.detect(sample_case[2], heatmap=False)
+    twin = next(s for s in realdata.subjects_in("test") if s.id == "IXI033-HH-1259")
+    abnormal = detector.detect(SAMPLE_SCAN, heatmap=False)
+    normal = detector.detect(twin.t1, heatmap=False)
     assert abnormal.volume_percentile >= 95 > normal.volume_percentile
+    assert not normal.out_of_distribution and normal.brain_extraction == "network"
     assert abnormal.volume_score > normal.volume_score + 3
