@@ -61,7 +61,8 @@ def source_datasets(folder: Path, grid: sitk.Image) -> list:
             raise InputError(f"{folder}: slice size differs from the scan's grid")
         offset = np.array(ds.ImagePositionPatient, dtype=float) - origin
         k = int(round(float(offset @ axes[:, 2]) / spacing[2]))
-        if not 0 <= k < size[2] or ordered[k] is not None or np.linalg.norm(offset - k * spacing[2] * axes[:, 2]) > 1e-2:
+        off_grid = np.linalg.norm(offset - k * spacing[2] * axes[:, 2]) > 1e-2
+        if not 0 <= k < size[2] or ordered[k] is not None or off_grid:
             raise InputError(f"{folder}: slice at {list(ds.ImagePositionPatient)} is not on the scan's grid")
         ordered[k] = ds
     return ordered
@@ -133,7 +134,8 @@ def build_dicom_results(series_folder: Path, result, model: dict, seg_path=None,
     sources = source_datasets(Path(series_folder), result.heatmap)
     objects = []
     if pmap_path:
-        objects.append(("pmap", pmap_path, build_parametric_map(sources, sitk.GetArrayFromImage(result.heatmap), model)))
+        heatmap = sitk.GetArrayFromImage(result.heatmap)
+        objects.append(("pmap", pmap_path, build_parametric_map(sources, heatmap, model)))
     if seg_path and result.regions:
         labels = sitk.GetArrayFromImage(result.region_labels)
         objects.append(("seg", seg_path, build_segmentation(sources, labels, result.regions, model, result.threshold)))

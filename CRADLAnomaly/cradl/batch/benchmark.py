@@ -71,7 +71,8 @@ def resume_check(scans: list[Path], out: Path, model: str | None, workers: int =
     out.mkdir(parents=True)
     command = [sys.executable, "-m", "cradl", "detect", *map(str, scans), "--out-dir", str(out), "--quiet",
                "--workers", str(workers)] + (["--model", model] if model else [])
-    records = lambda: len(list((out / DONE_FOLDER).glob("*.json"))) if (out / DONE_FOLDER).is_dir() else 0
+    def records():
+        return len(list((out / DONE_FOLDER).glob("*.json"))) if (out / DONE_FOLDER).is_dir() else 0
     run = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     events = {}
     try:
@@ -176,7 +177,8 @@ def main(argv=None) -> int:
              "|---|---|---|---|---|"]
     for name, r in results.items():
         lines.append(f"| {name} | {r['wall_s']} | {r['scans_per_minute']} | "
-                     f"{', '.join(f'{v:.0f}' for v in r['peak_rss_mib_per_worker']) or '-'} | {r.get('mean_task_s', '-')} |")
+                     f"{', '.join(f'{v:.0f}' for v in r['peak_rss_mib_per_worker']) or '-'} | "
+                     f"{r.get('mean_task_s', '-')} |")
     lines += ["", f"Scheduler overhead: {1000 * overhead:.1f} ms per task (no-op tasks, 2-worker local cluster).", "",
               "| machines | projected scans/min | scans/day |", "|---|---|---|"]
     lines += [f"| {p['machines']} | {p['scans_per_minute']} | {p['scans_per_day']} |" for p in projection]

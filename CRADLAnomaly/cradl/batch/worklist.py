@@ -108,7 +108,8 @@ def write_worklist(rows: list[dict], out_dir: Path, title: str = "CRADL triage w
 among the model's normal reference scans). Click a column header to re-sort. Research use only:
 not for diagnostic use. Written by cradl {html.escape(__version__)}.</p>
 <table id="worklist"><thead><tr>
-<th data-sortable data-first="asc">#</th><th data-sortable data-first="asc">scan</th><th data-sortable aria-sort="descending">percentile</th>
+<th data-sortable data-first="asc">#</th><th data-sortable data-first="asc">scan</th>
+<th data-sortable aria-sort="descending">percentile</th>
 <th>score in words</th><th data-sortable>volume score</th><th data-sortable>regions</th><th>top region</th>
 <th>axial, coronal, sagittal</th><th>outputs</th></tr></thead>
 <tbody>
