@@ -196,8 +196,8 @@ def simclr_ddp(encoder, head, slices: np.ndarray, config, dev, checkpoint: Path,
     from torch.nn.parallel import DistributedDataParallel as DDP
     from tqdm import tqdm
 
-    from ..io import atomic_path
     from .augment import nt_xent, simclr_view
+    from .trainer import resume_simclr, save_simclr
 
     params = list(encoder.parameters()) + list(head.parameters())
     optimiser = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
@@ -206,15 +206,10 @@ def simclr_ddp(encoder, head, slices: np.ndarray, config, dev, checkpoint: Path,
         raise InputError(f"--batch-size {config.batch_size} is smaller than --nproc {world}")
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, config.learning_rate,
                                                    total_steps=config.epochs * steps_per_epoch, pct_start=0.1)
-    history, first_epoch = [], 0
-    if checkpoint.exists():
-        state = torch.load(checkpoint, map_location=dev, weights_only=True)
-        if state["steps_per_epoch"] == steps_per_epoch and state["epochs"] == config.epochs:
-            encoder.load_state_dict(state["encoder"]), head.load_state_dict(state["head"])
-            optimiser.load_state_dict(state["optimiser"]), schedule.load_state_dict(state["schedule"])
-            history, first_epoch = list(state["history"]), int(state["epoch"]) + 1
-            if rank == 0:
-                log.info("resuming from %s at epoch %d", checkpoint, first_epoch + 1)
+    history, first_epoch = resume_simclr(checkpoint, dev, encoder, head, optimiser, schedule, config,
+                                         steps_per_epoch)
+    if first_epoch and rank == 0:
+        log.info("resuming from %s at epoch %d", checkpoint, first_epoch + 1)
     model = DDP(_Pair(encoder, head), device_ids=[dev.index] if dev.type == "cuda" else None)
     data = torch.from_numpy(slices).unsqueeze(1)
     generator = torch.Generator(device=dev)
@@ -242,9 +237,6 @@ def simclr_ddp(encoder, head, slices: np.ndarray, config, dev, checkpoint: Path,
         history.append(round(float(np.mean(losses)), 4))
         if rank == 0:
             log.info("epoch %d/%d  NT-Xent loss %.4f (%d processes)", epoch + 1, config.epochs, history[-1], world)
-            with atomic_path(checkpoint) as tmp:
-                torch.save({"encoder": encoder.state_dict(), "head": head.state_dict(),
-                            "optimiser": optimiser.state_dict(), "schedule": schedule.state_dict(),
-                            "epoch": epoch, "epochs": config.epochs, "steps_per_epoch": steps_per_epoch,
-                            "history": history, "processes": world}, tmp)
+            save_simclr(checkpoint, encoder, head, optimiser, schedule, epoch, config, steps_per_epoch, history,
+                        processes=world)
     return history

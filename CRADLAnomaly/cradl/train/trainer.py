@@ -214,14 +214,10 @@ def _simclr(encoder: SliceEncoder, head: ProjectionHead, slices: np.ndarray, con
     steps_per_epoch = max(1, len(slices) // config.batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, config.learning_rate,
                                                    total_steps=config.epochs * steps_per_epoch, pct_start=0.1)
-    history, first_epoch = [], 0
-    if checkpoint is not None and checkpoint.exists():
-        state = torch.load(checkpoint, map_location=dev, weights_only=True)
-        if state["steps_per_epoch"] == steps_per_epoch and state["epochs"] == config.epochs:
-            encoder.load_state_dict(state["encoder"]), head.load_state_dict(state["head"])
-            optimiser.load_state_dict(state["optimiser"]), schedule.load_state_dict(state["schedule"])
-            history, first_epoch = list(state["history"]), int(state["epoch"]) + 1
-            log.info("resuming from %s at epoch %d", checkpoint, first_epoch + 1)
+    history, first_epoch = resume_simclr(checkpoint, dev, encoder, head, optimiser, schedule, config,
+                                         steps_per_epoch)
+    if first_epoch:
+        log.info("resuming from %s at epoch %d", checkpoint, first_epoch + 1)
     data = torch.from_numpy(slices).unsqueeze(1)
     generator = torch.Generator(device=dev)
     for epoch in range(first_epoch, config.epochs):
@@ -245,12 +241,32 @@ def _simclr(encoder: SliceEncoder, head: ProjectionHead, slices: np.ndarray, con
         history.append(round(float(np.mean(losses)), 4))
         log.info("epoch %d/%d  NT-Xent loss %.4f", epoch + 1, config.epochs, history[-1])
         if checkpoint is not None:
-            with atomic_path(checkpoint) as tmp:
-                torch.save({"encoder": encoder.state_dict(), "head": head.state_dict(),
-                            "optimiser": optimiser.state_dict(), "schedule": schedule.state_dict(),
-                            "epoch": epoch, "epochs": config.epochs, "steps_per_epoch": steps_per_epoch,
-                            "history": history}, tmp)
+            save_simclr(checkpoint, encoder, head, optimiser, schedule, epoch, config, steps_per_epoch, history)
     return history
+
+
+def resume_simclr(checkpoint: Path | None, dev, encoder, head, optimiser, schedule, config: TrainConfig,
+                  steps_per_epoch: int) -> tuple[list[float], int]:
+    """(loss history, first epoch to run): the state of `checkpoint` restored when it is of this very run
+    (same epochs and steps per epoch), else a fresh start."""
+    if checkpoint is None or not checkpoint.exists():
+        return [], 0
+    state = torch.load(checkpoint, map_location=dev, weights_only=True)
+    if state["steps_per_epoch"] != steps_per_epoch or state["epochs"] != config.epochs:
+        return [], 0
+    encoder.load_state_dict(state["encoder"]), head.load_state_dict(state["head"])
+    optimiser.load_state_dict(state["optimiser"]), schedule.load_state_dict(state["schedule"])
+    return list(state["history"]), int(state["epoch"]) + 1
+
+
+def save_simclr(checkpoint: Path, encoder, head, optimiser, schedule, epoch: int, config: TrainConfig,
+                steps_per_epoch: int, history: list[float], **extra) -> None:
+    """The resumable state after `epoch`, written atomically (the one checkpoint format of both trainers)."""
+    with atomic_path(checkpoint) as tmp:
+        torch.save({"encoder": encoder.state_dict(), "head": head.state_dict(),
+                    "optimiser": optimiser.state_dict(), "schedule": schedule.state_dict(),
+                    "epoch": epoch, "epochs": config.epochs, "steps_per_epoch": steps_per_epoch,
+                    "history": history, **extra}, tmp)
 
 
 def encode(encoder: SliceEncoder, slices: np.ndarray, dev: torch.device, batch_size: int = 256) -> np.ndarray:
