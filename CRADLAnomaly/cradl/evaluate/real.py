@@ -36,15 +36,12 @@ def group_of(case_type: str) -> str:
 
 def real_cohort(detector, work_dir: Path, root=None, progress: bool = True, cache: Path | None = None):
     """The recorded split's training, validation and calibration subjects, prepared in the model's space."""
-    from ..train.real import GROUPS, brain_masks
+    from ..train.real import brain_masks, normal_subjects
     from ..train.trainer import config_from_manifest, prepare_all
     from .baselines import Cohort
 
-    subjects, groups = [], {}
-    for group in GROUPS:
-        members = realdata.subjects_in(group, root)
-        groups[group] = np.arange(len(subjects), len(subjects) + len(members))
-        subjects += members
+    subjects, groups = normal_subjects(root)
+    groups = {name: np.asarray(indices) for name, indices in groups.items()}
     config = config_from_manifest(detector.bundle.manifest)
     masks = brain_masks(subjects, work_dir, progress)
     scans = prepare_all([s.t1 for s in subjects], detector.space, config, cache, progress, masks=masks)

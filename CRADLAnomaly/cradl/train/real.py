@@ -20,16 +20,22 @@ def brain_masks(subjects, work_dir: Path, progress: bool = True) -> list[Path]:
     return paths
 
 
-def train_on_ixi(out: str | Path, config: TrainConfig, work_dir: str | Path, root=None, device: str = "auto",
-                 resume: bool = True, progress: bool = True) -> Path:
-    """Train on the recorded split's training subjects; validation and calibration subjects as their names
-    say; the test subjects are never touched."""
-    work_dir = Path(work_dir)
+def normal_subjects(root=None) -> tuple[list, dict[str, list[int]]]:
+    """The training, validation and calibration subjects in one list, and each group's indices into it."""
     subjects, groups = [], {}
     for group in GROUPS:
         members = realdata.subjects_in(group, root)
         groups[group] = list(range(len(subjects), len(subjects) + len(members)))
         subjects += members
+    return subjects, groups
+
+
+def train_on_ixi(out: str | Path, config: TrainConfig, work_dir: str | Path, root=None, device: str = "auto",
+                 resume: bool = True, progress: bool = True) -> Path:
+    """Train on the recorded split's training subjects; validation and calibration subjects as their names
+    say; the test subjects are never touched."""
+    work_dir = Path(work_dir)
+    subjects, groups = normal_subjects(root)
     masks = brain_masks(subjects, work_dir, progress)
     split = {g: [subjects[i].id for i in groups[g]] for g in GROUPS}
     split["test"] = realdata.recorded_split()["test"]
