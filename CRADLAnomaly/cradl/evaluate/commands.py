@@ -63,6 +63,9 @@ def register_real(sub) -> None:
                        "labelled set folder for `evaluate` and `benchmark-real`.")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split", choices=("test", "validation"), default="test",
+                   help="whose scans: the held-out test subjects (default) or the validation subjects, the set "
+                        "to tune settings on")
     p.set_defaults(run=run_real_set)
 
     p = sub.add_parser("train-real", parents=[common], help="train on the real healthy cohort's recorded split",
@@ -101,7 +104,8 @@ def run_real_set(args) -> int:
     from .realset import write_real_set
 
     _require_real_data(args)
-    manifest = write_real_set(args.out, args.data, Path(args.work) / "masks", seed=args.seed, progress=not args.quiet)
+    manifest = write_real_set(args.out, args.data, Path(args.work) / "masks", seed=args.seed, progress=not args.quiet,
+                              split=args.split)
     print(f"wrote {manifest}")
     return 0
 

@@ -80,8 +80,13 @@ def tissue_map(image: sitk.Image, brain: np.ndarray, seed: int = 0) -> sitk.Imag
 
 
 def write_real_set(out_dir: str | Path, root=None, mask_cache: str | Path | None = None, seed: int = 0,
-                   progress: bool = True) -> Path:
-    """Write the real-data evaluation set; returns the manifest path."""
+                   progress: bool = True, split: str = "test") -> Path:
+    """Write the real-data evaluation set from the subjects of `split`; returns the manifest path.
+
+    `split="validation"` writes the same kinds of cases from the validation subjects: the set to tune
+    localization settings on, so that the held-out test subjects are only ever measured.
+    Patients are part of the test set only.
+    """
     from tqdm import tqdm
 
     out = Path(out_dir)
@@ -93,7 +98,7 @@ def write_real_set(out_dir: str | Path, root=None, mask_cache: str | Path | None
     order = rng.permutation(len(shapes))
     space = ReferenceSpace.from_mni(96, 2.0)
     cases = []
-    subjects = realdata.subjects_in("test", root)
+    subjects = realdata.subjects_in(split, root)
     for k, subject in enumerate(tqdm(subjects, desc="real evaluation set", unit="subject", disable=not progress)):
         image = sitk.ReadImage(str(subject.t1), sitk.sitkFloat32)
         brain = sitk.GetArrayFromImage(sitk.ReadImage(str(subject.labels))) > 0
@@ -123,7 +128,7 @@ def write_real_set(out_dir: str | Path, root=None, mask_cache: str | Path | None
         cases.append({"id": stem, "type": kind, "image": f"images/{stem}.nii.gz", "mask": f"masks/{stem}.nii.gz",
                       "size_mm": size, **common})
 
-    for patient in realdata.patients(root):
+    for patient in realdata.patients(root) if split == "test" else []:
         stem = patient.name.replace("/", "_").replace(" ", "_")
         image = sitk.ReadImage(str(patient.image))
         lesion = sitk.GetArrayFromImage(sitk.ReadImage(str(patient.lesion))) > 0
@@ -142,7 +147,7 @@ def write_real_set(out_dir: str | Path, root=None, mask_cache: str | Path | None
     manifest = out / "manifest.json"
     write_json({"description": "real-data evaluation set: held-out IXI test subjects (normal, with real stroke "
                 "shapes painted in, with synthetic lesion types), real BraTS and MS patients",
-                "seed": seed, "split": realdata.SPLIT_FILE.name, "cases": cases}, manifest)
+                "seed": seed, "split": realdata.SPLIT_FILE.name, "subjects": split, "cases": cases}, manifest)
     return manifest
 
 
