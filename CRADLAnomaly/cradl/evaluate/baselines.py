@@ -27,19 +27,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.mixture import GaussianMixture
 from torch import nn
 from torch.nn import functional as F
 
 from ..bundle import ModelBundle
-from ..calibration import aggregate, fit_slice_statistics
+from ..calibration import aggregate
 from ..detector import AnomalyDetector
 from ..encoder import ProjectionHead, SliceEncoder
 from ..gmm import GaussianMixtureNLL
 from ..localize import postprocess_saliency
 from ..preprocess import PreparedScan
-from ..train.trainer import (TrainConfig, _calibrate, _simclr, config_from_manifest, encode, find_scans, prepare_all,
-                             split_scans)
+from ..train.trainer import (TrainConfig, calibrate, calibrate_heatmaps, config_from_manifest, encode, find_scans,
+                             fit_mixture, prepare_all, select_mixture, slice_statistics, split_scans, train_simclr)
 
 log = logging.getLogger("cradl.evaluate")
 
@@ -94,16 +93,6 @@ def _cohort_contrasts(paths: list[Path]) -> list[str | None]:
             for rec in json.loads(cohort.read_text()).get("scans", []):
                 records[str(folder / rec["image"])] = rec.get("contrast")
     return [records.get(str(p)) for p in paths]
-
-
-def calibrate_heatmaps(heats: list[np.ndarray], masks: list[np.ndarray], config: TrainConfig) -> dict:
-    """Heatmap scale (99th percentile of normal values) and the voxel threshold that caps false alarms,
-    exactly as the trainer calibrates CRADL (so every method is thresholded on the same footing)."""
-    scale = float(np.percentile(np.concatenate([h[m] for h, m in zip(heats, masks)]), 99.0)) or 1.0
-    n_voxels = max(1, int(np.ceil(config.min_region_mm3 / config.spacing_mm ** 3)))
-    upper = [float(np.sort(h[m])[-n_voxels]) / scale for h, m in zip(heats, masks)]
-    return {"heatmap_scale": scale, "voxel_threshold": float(np.quantile(upper, config.false_alarm_quantile)),
-            "min_region_mm3": config.min_region_mm3, "normal_region_bounds": [round(u, 4) for u in upper]}
 
 
 # ----------------------------------------------------------------------------- method interface
@@ -168,24 +157,13 @@ class _HeadFeatures(nn.Module):
         return self.head(self.encoder(x))
 
 
-def fit_mixture(train_features: np.ndarray, val_features: np.ndarray, k: int, config: TrainConfig
-                ) -> tuple[GaussianMixtureNLL, float]:
-    """A K-component full-covariance mixture on standardised features (as the trainer fits it) and its
-    held-out mean log-likelihood."""
-    mean, std = train_features.mean(0), train_features.std(0) + 1e-6
-    mixture = GaussianMixture(k, covariance_type="full", reg_covar=config.gmm_reg_covar, max_iter=300, n_init=2,
-                              random_state=config.seed).fit((train_features - mean) / std)
-    held_out = float(mixture.score((val_features - mean) / std))
-    return GaussianMixtureNLL.from_sklearn(mixture, mean, std), held_out
-
-
 def cradl_variant(base: AnomalyDetector, name: str, features: nn.Module, gmm: GaussianMixtureNLL, cohort: Cohort,
                   info: dict | None = None) -> CradlMethod:
     """A detector sharing the base's reference space and settings, with its own features, mixture and calibration."""
     features = features.to(base.device).eval()
     gmm = gmm.to(base.device).eval()
-    calibration = _calibrate(features, gmm, cohort.pick(cohort.val), cohort.pick(cohort.cal), cohort.config,
-                             base.device, cohort.progress)
+    calibration = calibrate(features, gmm, cohort.pick(cohort.val), cohort.pick(cohort.cal), cohort.config,
+                            base.device, cohort.progress)
     manifest = dict(base.bundle.manifest, calibration=calibration, name=f"{base.bundle.name}:{name}")
     bundle = ModelBundle(manifest, features, gmm, base.bundle.template, base.bundle.template_mask, base.bundle.path)
     return CradlMethod(name, AnomalyDetector(bundle, device=base.device, batch_size=base.batch_size), info)
@@ -252,7 +230,7 @@ def projection_head_variants(base: AnomalyDetector, cohort: Cohort, checkpoint: 
         encoder = SliceEncoder(config.width, config.feature_dim).to(base.device)
         head = ProjectionHead(config.feature_dim, config.projection_dim).to(base.device)
         t = time.perf_counter()
-        _simclr(encoder, head, cohort.slices(cohort.train), short, base.device, None, cohort.progress)
+        train_simclr(encoder, head, cohort.slices(cohort.train), short, base.device, None, cohort.progress)
         encoder.eval(), head.eval()
         for p in list(encoder.parameters()) + list(head.parameters()):
             p.requires_grad_(False)
@@ -277,11 +255,12 @@ def projection_head_variants(base: AnomalyDetector, cohort: Cohort, checkpoint: 
 
 
 def _calibrate_method(method: Method, cohort: Cohort) -> dict:
+    """The trainer's calibration steps on a method's own scores. Unlike CRADL's (`calibrate`), the heatmap
+    scale and threshold come from the calibration scans alone, on the whole reference grid, and there is
+    no typicality model."""
     config = cohort.config
     val = cohort.pick(cohort.val)
-    val_nll = [method.score(s, heatmap=False)[0] for s in val]
-    means, stds = fit_slice_statistics(val_nll, [s.slice_indices for s in val], val[0].volume.shape[0])
-    calibration = {"slice_nll_mean": means, "slice_nll_std": stds, "volume_aggregate": config.volume_aggregate}
+    calibration = slice_statistics([method.score(s, heatmap=False)[0] for s in val], val, config)
     heats, masks, nlls, cal = [], [], [], cohort.pick(cohort.cal)
     method.calibration = dict(calibration, heatmap_scale=1.0)
     for s in cal:
@@ -434,10 +413,9 @@ class VAEBaseline(Method):
             p.requires_grad_(False)
         train_z = self._latents(cohort.slices(cohort.train))
         val_z = self._latents(cohort.slices(cohort.val))
-        fits = {k: fit_mixture(train_z, val_z, k, cohort.config) for k in self.ks if k * 10 <= len(train_z)}
-        best = max(fits, key=lambda k: fits[k][1])
-        self.gmm = fits[best][0].to(self.device).eval()
-        self.k = best
+        gmm, selection = select_mixture(train_z, val_z, cohort.config, ks=self.ks)
+        self.gmm = gmm.to(self.device).eval()
+        self.k = selection["n_components"]
         self.train_seconds = time.perf_counter() - t
         self.calibration = _calibrate_method(self, cohort)
         return self

@@ -197,15 +197,11 @@ def simclr_ddp(encoder, head, slices: np.ndarray, config, dev, checkpoint: Path,
     from tqdm import tqdm
 
     from .augment import nt_xent, simclr_view
-    from .trainer import resume_simclr, save_simclr
+    from .trainer import resume_simclr, save_simclr, simclr_optimiser
 
-    params = list(encoder.parameters()) + list(head.parameters())
-    optimiser = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-    steps_per_epoch = max(1, len(slices) // config.batch_size)
     if config.batch_size < world:
         raise InputError(f"--batch-size {config.batch_size} is smaller than --nproc {world}")
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, config.learning_rate,
-                                                   total_steps=config.epochs * steps_per_epoch, pct_start=0.1)
+    optimiser, schedule, steps_per_epoch = simclr_optimiser(encoder, head, len(slices), config)
     history, first_epoch = resume_simclr(checkpoint, dev, encoder, head, optimiser, schedule, config,
                                          steps_per_epoch)
     if first_epoch and rank == 0:

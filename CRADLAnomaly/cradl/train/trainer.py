@@ -160,14 +160,15 @@ def train_model(normal_dirs, out: str | Path, config: TrainConfig = TrainConfig(
              len(train_slices), len(val_idx), len(cal_idx))
     encoder = SliceEncoder(config.width, config.feature_dim, config.grid).to(dev)
     head = ProjectionHead(config.feature_dim, config.projection_dim).to(dev)
-    history = _simclr(encoder, head, train_slices, config, dev, out.with_suffix(".ckpt") if resume else None,
-                      progress)
+    history = train_simclr(encoder, head, train_slices, config, dev, out.with_suffix(".ckpt") if resume else None,
+                           progress)
     encoder.eval()
 
-    gmm, selection = _fit_mixture(encoder, train_slices, np.concatenate([prepared[i].slices for i in val_idx]),
-                                  config, dev)
-    calibration = _calibrate(encoder, gmm, [prepared[i] for i in val_idx], [prepared[i] for i in cal_idx],
-                             config, dev, progress)
+    val_slices = np.concatenate([prepared[i].slices for i in val_idx])
+    gmm, selection = select_mixture(encode(encoder, train_slices, dev), encode(encoder, val_slices, dev), config)
+    gmm = gmm.to(dev)
+    calibration = calibrate(encoder, gmm, [prepared[i] for i in val_idx], [prepared[i] for i in cal_idx],
+                            config, dev, progress)
     manifest = {
         "name": config.name, "version": config.version, "description": config.description,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -207,13 +208,26 @@ def _device_name(dev: torch.device) -> str:
     return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
-def _simclr(encoder: SliceEncoder, head: ProjectionHead, slices: np.ndarray, config: TrainConfig,
-            dev: torch.device, checkpoint: Path | None, progress: bool = True) -> list[float]:
+def simclr_optimiser(encoder: SliceEncoder, head: ProjectionHead, n_slices: int, config: TrainConfig):
+    """(optimiser, learning-rate schedule, steps per epoch) of a SimCLR run on `n_slices` slices: one recipe
+    for the single-process and the DDP trainer, so their checkpoints resume into each other."""
     params = list(encoder.parameters()) + list(head.parameters())
     optimiser = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-    steps_per_epoch = max(1, len(slices) // config.batch_size)
+    steps_per_epoch = max(1, n_slices // config.batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, config.learning_rate,
                                                    total_steps=config.epochs * steps_per_epoch, pct_start=0.1)
+    return optimiser, schedule, steps_per_epoch
+
+
+def train_simclr(encoder: SliceEncoder, head: ProjectionHead, slices: np.ndarray, config: TrainConfig,
+                 dev: torch.device, checkpoint: Path | None, progress: bool = True) -> list[float]:
+    """Train `encoder` and its projection `head` in place with SimCLR (NT-Xent on two augmented views of
+    each slice) on `slices` (N, S, S); returns the mean loss per epoch.
+
+    The one contrastive training step of the project: the model's own training and the baselines' short
+    runs use it, so a variant differs from CRADL only where it says so. With `checkpoint`, every epoch is
+    saved and a run of the same recipe resumes from it."""
+    optimiser, schedule, steps_per_epoch = simclr_optimiser(encoder, head, len(slices), config)
     history, first_epoch = resume_simclr(checkpoint, dev, encoder, head, optimiser, schedule, config,
                                          steps_per_epoch)
     if first_epoch:
@@ -270,40 +284,72 @@ def save_simclr(checkpoint: Path, encoder, head, optimiser, schedule, epoch: int
 
 
 def encode(encoder: SliceEncoder, slices: np.ndarray, dev: torch.device, batch_size: int = 256) -> np.ndarray:
+    """Features (N, D) of slices (N, S, S), in float64 for the mixture fit."""
     with torch.inference_mode():
         return torch.cat([encoder(torch.from_numpy(slices[i:i + batch_size]).unsqueeze(1).to(dev)).cpu()
                           for i in range(0, len(slices), batch_size)]).numpy().astype(np.float64)
 
 
-def _fit_mixture(encoder, train_slices, val_slices, config: TrainConfig, dev) -> tuple[GaussianMixtureNLL, dict]:
-    """Fit K in config.gmm_components on standardised features; keep the best held-out likelihood."""
-    train_features, val_features = encode(encoder, train_slices, dev), encode(encoder, val_slices, dev)
+def fit_mixture(train_features: np.ndarray, val_features: np.ndarray, k: int, config: TrainConfig
+                ) -> tuple[GaussianMixtureNLL, float]:
+    """A K-component full-covariance Gaussian mixture on features standardised per dimension (with the
+    training features' mean and spread), and its held-out mean log-likelihood on `val_features`.
+
+    The density model of CRADL and of every baseline that scores features by likelihood (CRADL's K
+    variants, the VAE's latent means): one fit, so their likelihoods are comparable."""
     mean, std = train_features.mean(0), train_features.std(0) + 1e-6
-    standardise = lambda f: (f - mean) / std  # noqa: E731
+    mixture = GaussianMixture(k, covariance_type="full", reg_covar=config.gmm_reg_covar, max_iter=300, n_init=2,
+                              random_state=config.seed).fit((train_features - mean) / std)
+    held_out = float(mixture.score((val_features - mean) / std))
+    return GaussianMixtureNLL.from_sklearn(mixture, mean, std), held_out
+
+
+def select_mixture(train_features: np.ndarray, val_features: np.ndarray, config: TrainConfig,
+                   ks=None) -> tuple[GaussianMixtureNLL, dict]:
+    """The mixture (on the CPU) with the best held-out likelihood among K in `ks` (default
+    config.gmm_components; a K with fewer than 10 training features per component is skipped), and the
+    record of the choice the manifest keeps."""
     fits, scores = {}, {}
-    for k in config.gmm_components:
+    for k in (config.gmm_components if ks is None else ks):
         if k * 10 > len(train_features):
             continue
-        mixture = GaussianMixture(k, covariance_type="full", reg_covar=config.gmm_reg_covar, max_iter=300,
-                                  n_init=2, random_state=config.seed).fit(standardise(train_features))
-        fits[k], scores[k] = mixture, float(mixture.score(standardise(val_features)))
+        fits[k], scores[k] = fit_mixture(train_features, val_features, k, config)
         log.info("GMM K=%d: held-out mean log-likelihood %.2f", k, scores[k])
     best = max(scores, key=scores.get)
-    gmm = GaussianMixtureNLL.from_sklearn(fits[best], mean, std).to(dev)
-    return gmm, {"n_components": best, "covariance": "full", "reg_covar": config.gmm_reg_covar,
-                 "validation_log_likelihood": {str(k): round(v, 3) for k, v in scores.items()}}
+    return fits[best], {"n_components": best, "covariance": "full", "reg_covar": config.gmm_reg_covar,
+                        "validation_log_likelihood": {str(k): round(v, 3) for k, v in scores.items()}}
 
 
-def _calibrate(encoder, gmm, val_scans: list[PreparedScan], scans: list[PreparedScan], config: TrainConfig,
-               dev, progress: bool = True) -> dict:
-    """Normal statistics on held-out normal scans: slice scores per position from the validation scans;
-    volume scores from the calibration scans, which nothing else has seen; heatmap scale and threshold
-    from both (nothing was fitted to their heatmaps, and a false-alarm quantile needs every scan it can get)."""
+def slice_statistics(val_nll: list[np.ndarray], val_scans: list[PreparedScan], config: TrainConfig) -> dict:
+    """The normal slice-score statistics per slice position, from held-out scans' slice scores (one array per
+    scan, over its slice_indices), and the volume aggregate that turns slice scores into a volume score."""
+    means, stds = fit_slice_statistics(val_nll, [s.slice_indices for s in val_scans], val_scans[0].volume.shape[0])
+    return {"slice_nll_mean": means, "slice_nll_std": stds, "volume_aggregate": config.volume_aggregate}
+
+
+def calibrate_heatmaps(heats: list[np.ndarray], masks: list[np.ndarray], config: TrainConfig) -> dict:
+    """Heatmap scale (99th percentile of normal heatmap values inside the masks; 1 if that is 0) and the voxel
+    threshold that caps false alarms, from normal scans' heatmaps. Shared by CRADL and every baseline, so
+    every method is thresholded on the same footing."""
+    scale = float(np.percentile(np.concatenate([h[m] for h, m in zip(heats, masks)]), 99.0)) or 1.0
+    # The n-th largest value of a normal heatmap bounds from above the threshold at which it would still
+    # show a region of n voxels; a quantile of those over normal scans caps false alarms per scan.
+    n_voxels = max(1, int(np.ceil(config.min_region_mm3 / config.spacing_mm ** 3)))
+    upper = [float(np.sort(h[m])[-n_voxels]) / scale for h, m in zip(heats, masks)]
+    return {"heatmap_scale": scale, "voxel_threshold": float(np.quantile(upper, config.false_alarm_quantile)),
+            "normal_region_bounds": [round(u, 4) for u in upper], "min_region_mm3": config.min_region_mm3}
+
+
+def calibrate(encoder, gmm, val_scans: list[PreparedScan], scans: list[PreparedScan], config: TrainConfig,
+              dev, progress: bool = True) -> dict:
+    """A model's normal statistics (the manifest's `calibration`) on held-out normal scans: slice scores per
+    position from the validation scans; volume scores from the calibration scans, which nothing else has
+    seen; heatmap scale and threshold from both (nothing was fitted to their heatmaps, and a false-alarm
+    quantile needs every scan it can get). Used by training, recalibration and the CRADL variants."""
     for p in encoder.parameters():
         p.requires_grad_(False)
     val_nll = [score_slices(s.slices, encoder, gmm, dev) for s in val_scans]
-    means, stds = fit_slice_statistics(val_nll, [s.slice_indices for s in val_scans], val_scans[0].volume.shape[0])
-    stats = {"slice_nll_mean": means, "slice_nll_std": stds, "volume_aggregate": config.volume_aggregate}
+    stats = slice_statistics(val_nll, val_scans, config)
     nlls, heats, masks = [], [], []
     for scan in tqdm(scans + val_scans, desc="calibrating on held-out normals", unit="scan", disable=not progress):
         idx = scan.slice_indices
@@ -313,14 +359,8 @@ def _calibrate(encoder, gmm, val_scans: list[PreparedScan], scans: list[Prepared
         masks.append(scan.mask[idx])
     stats["volume_scores"] = sorted(aggregate(n, s.slice_indices, stats) for n, s in zip(nlls, scans))
     stats["typicality"] = fit_typicality([slice_z_scores(n, s.slice_indices, stats) for n, s in zip(nlls, scans)])
-    scale = float(np.percentile(np.concatenate([h[m] for h, m in zip(heats, masks)]), 99.0))
-    # The n-th largest value of a normal heatmap bounds from above the threshold at which it would still
-    # show a region of n voxels; a quantile of those over normal scans caps false alarms per scan.
-    n_voxels = max(1, int(np.ceil(config.min_region_mm3 / config.spacing_mm ** 3)))
-    upper = [float(np.sort(h[m])[-n_voxels]) / scale for h, m in zip(heats, masks)]
-    stats.update({"n_scans": len(scans), "n_heatmap_scans": len(heats), "heatmap_scale": scale,
-                  "voxel_threshold": float(np.quantile(upper, config.false_alarm_quantile)),
-                  "normal_region_bounds": [round(u, 4) for u in upper], "min_region_mm3": config.min_region_mm3})
+    stats.update({"n_scans": len(scans), "n_heatmap_scans": len(heats)})
+    stats.update(calibrate_heatmaps(heats, masks, config))
     return stats
 
 
@@ -362,8 +402,8 @@ def recalibrate_model(model: str | Path | None, normal_dirs, out: str | Path, lo
     order = np.random.default_rng(seed).permutation(len(paths))
     half = len(paths) // 2
     dev = resolve_device(device)
-    calibration = _calibrate(bundle.encoder.to(dev).eval(), bundle.gmm.to(dev), [prepared[i] for i in order[:half]],
-                             [prepared[i] for i in order[half:]], config, dev, progress)
+    calibration = calibrate(bundle.encoder.to(dev).eval(), bundle.gmm.to(dev), [prepared[i] for i in order[:half]],
+                            [prepared[i] for i in order[half:]], config, dev, progress)
     manifest["localization"] = config.localization
     manifest["calibration"] = calibration
     manifest["version"] = version or manifest["version"]
