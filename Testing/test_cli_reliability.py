@@ -109,13 +109,13 @@ def test_out_dir_naming_a_file_is_refused(tmp_path):
 def test_batch_names_cannot_collide_with_each_other_or_with_inputs(tmp_path):
     """Items 1 and 3: scan.nii.gz, scan.nrrd and scan_2.nii.gz gave two result sets for three scans; an
     input named a_heatmap.nii.gz beside a.nii.gz was replaced by a's heatmap."""
-    from cradl.cli import _batch_plan, _protected_files
+    from cradl.cli import batch_plan, protected_files
 
     names = ["scan.nii.gz", "scan.nrrd", "scan_2.nii.gz", "a.nii.gz", "a_heatmap.nii.gz", "A_report.json.nii.gz"]
     for name in names:
         (tmp_path / name).write_bytes(b"x")
     paths = [tmp_path / n for n in names]
-    plan = _batch_plan(paths, tmp_path, False, _protected_files([("input", p) for p in paths]))
+    plan = batch_plan(paths, tmp_path, False, protected_files([("input", p) for p in paths]))
     outputs = [o.name.lower() for entry in plan for o in entry.values()]
     assert len(outputs) == len(set(outputs)) == 3 * len(names)
     assert not set(outputs) & {n.lower() for n in names}

@@ -118,7 +118,9 @@ def _add_detect(sub):
     p.set_defaults(run=run_detect)
 
 
-def _expand_inputs(inputs) -> list[Path]:
+def expand_inputs(inputs) -> list[Path]:
+    """The scans named on a command line: files and DICOM series folders as they are, the scans directly inside
+    any other folder (sorted). Shared by `detect` and the batch benchmark, so both see the same inputs."""
     paths = []
     for item in map(Path, inputs):
         if item.is_dir() and not _is_dicom_folder(item):
@@ -140,7 +142,7 @@ def _is_dicom_folder(folder: Path) -> bool:
 def run_detect(args) -> int:
     from .detector import AnomalyDetector
 
-    paths = _expand_inputs(args.inputs)
+    paths = expand_inputs(args.inputs)
     first = Path(args.inputs[0])
     batch = args.out_dir is not None or len(paths) > 1 or (first.is_dir() and not _is_dicom_folder(first))
     if batch and (args.heatmap or args.report or args.png):
@@ -149,8 +151,8 @@ def run_detect(args) -> int:
         raise CradlError("say where to write results: --heatmap, --report, --png or --out-dir")
     if args.no_heatmap and (args.heatmap or args.png):
         raise CradlError("--no-heatmap computes scores only; drop --heatmap/--png")
-    protected = _protected_files([("input", p) for p in paths] + ([("--mask", Path(args.mask))] if args.mask else [])
-                                 + [("--model", _model_path(args.model))])
+    protected = protected_files([("input", p) for p in paths] + ([("--mask", Path(args.mask))] if args.mask else [])
+                                + [("--model", model_path(args.model))])
     dicom_outputs = [(flag, Path(value)) for flag, value in (("--seg", args.seg), ("--pmap", args.pmap)) if value]
     if dicom_outputs:
         if batch:
@@ -175,7 +177,7 @@ def run_detect(args) -> int:
         with writing(out_dir):
             out_dir.mkdir(parents=True, exist_ok=True)
         check_output_path(out_dir / "x")
-        plan = _batch_plan(paths, out_dir, args.no_heatmap, protected)
+        plan = batch_plan(paths, out_dir, args.no_heatmap, protected)
     if args.workers is not None or args.scheduler:
         if not batch:
             raise CradlError("--workers and --scheduler run batch mode: use --out-dir instead of "
@@ -194,7 +196,7 @@ def run_detect(args) -> int:
             from .dicom_out import build_dicom_results, save_dicom_results
 
             dicom = build_dicom_results(paths[0], result, detector.model_summary(), args.seg, args.pmap)
-        _write_outputs(result, image, args.heatmap, args.report, args.png)
+        write_outputs(result, image, args.heatmap, args.report, args.png)
         if dicom_outputs:
             written = save_dicom_results(dicom)
             if args.seg and written["seg"] is None:
@@ -204,13 +206,14 @@ def run_detect(args) -> int:
     return _run_batch(detector, paths, mask, args, out_dir, plan)
 
 
-def _model_path(model) -> Path:
+def model_path(model) -> Path:
+    """The model file `--model` names, else the bundled default (to protect it from being overwritten)."""
     from .bundle import DEFAULT_MODEL
 
     return Path(model) if model else DEFAULT_MODEL
 
 
-def _protected_files(named: list[tuple[str, Path]]) -> list[tuple[str, Path]]:
+def protected_files(named: list[tuple[str, Path]]) -> list[tuple[str, Path]]:
     """Files no output may replace: inputs (with the members of DICOM folders and detached data files), mask, model."""
     files = []
     for label, path in named:
@@ -271,8 +274,9 @@ def _detect_one(detector, path, image, mask, args, progress: bool):
     return result
 
 
-def _write_outputs(result, image, heatmap_path, report_path, png_path) -> None:
-    """Write what was asked for, all or nothing."""
+def write_outputs(result, image, heatmap_path, report_path, png_path) -> None:
+    """Write what was asked for, all or nothing: the one writer of detection outputs, for the single-scan,
+    threaded batch and Dask batch modes."""
     from .quicklook import write_quicklook
 
     if (heatmap_path or png_path) and not same_geometry(result.heatmap, image):
@@ -343,12 +347,12 @@ def _unique_stems(paths: list[Path]) -> list[str]:
 _BATCH_SUFFIXES = {"heatmap": "_heatmap.nii.gz", "report": "_report.json", "png": ".png"}
 
 
-def _batch_plan(paths: list[Path], out_dir: Path, no_heatmap: bool, protected) -> list[dict[str, Path]]:
+def batch_plan(paths: list[Path], out_dir: Path, no_heatmap: bool, protected) -> list[dict[str, Path]]:
     """Every scan's output paths: distinct from each other and from every input, the mask and the model,
     and short enough for the file system."""
-    from .io import _name_max
+    from .io import name_max
 
-    limit = _name_max(out_dir) - max(len(s.encode()) for s in _BATCH_SUFFIXES.values())
+    limit = name_max(out_dir) - max(len(s.encode()) for s in _BATCH_SUFFIXES.values())
     kinds = ["report"] if no_heatmap else ["heatmap", "report", "png"]
     used: set[str] = set()
     plan = []
@@ -394,7 +398,7 @@ def _run_batch(detector, paths, mask, args, out_dir: Path, plan) -> int:
                     raise error
                 result = _detect_one(detector, path, image, mask, args, progress=False)
                 out = plan[i]
-                _write_outputs(result, image, out.get("heatmap"), out["report"], out.get("png"))
+                write_outputs(result, image, out.get("heatmap"), out["report"], out.get("png"))
                 if not args.quiet:
                     tqdm.write(f"{path.name}: percentile {result.volume_percentile:.1f}, "
                                f"{len(result.regions)} region(s) -> {out['report'].name}")
@@ -521,7 +525,7 @@ def run_train(args) -> int:
 
     _check_bundle_out(args.out)
     out = Path(args.out)
-    protected = _protected_files([("normal scan", p) for p in _normal_scans(args.normal)])
+    protected = protected_files([("normal scan", p) for p in _normal_scans(args.normal)])
     outputs = [("--out", out), ("checkpoint", out.with_suffix(".ckpt")), ("cache", out.with_suffix(".prep.npz"))]
     if args.log:
         check_output_path(args.log)
@@ -573,8 +577,8 @@ def run_calibrate(args) -> int:
     from .train.trainer import recalibrate_model
 
     _check_bundle_out(args.out)
-    protected = _protected_files([("normal scan", p) for p in _normal_scans(args.normal)]
-                                 + [("--model", _model_path(args.model))])
+    protected = protected_files([("normal scan", p) for p in _normal_scans(args.normal)]
+                                + [("--model", model_path(args.model))])
     refuse_clashes([("--out", Path(args.out))], protected)
     overrides = None
     if args.smoothing:

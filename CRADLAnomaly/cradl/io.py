@@ -596,14 +596,15 @@ def writing(path: str | os.PathLike) -> Iterator[None]:
         raise output_error(exc, path) from None
 
 
-def _name_max(folder: Path) -> int:
+def name_max(folder: Path) -> int:
+    """The longest file name (bytes) the file system of `folder` accepts; output names are cut to fit it."""
     try:
         return int(os.pathconf(folder, "PC_NAME_MAX"))
     except (OSError, ValueError, AttributeError):
         return _NAME_MAX
 
 
-def _temporary_suffix(name: str) -> str:
+def temporary_suffix(name: str) -> str:
     """The suffix writers choose formats by (.nii.gz whole, else the last one), kept short."""
     if name.lower().endswith(".nii.gz"):
         return name[-7:]
@@ -617,9 +618,9 @@ def check_output_path(final: str | os.PathLike) -> Path:
     final = Path(final)
     parent = final.parent if str(final.parent) else Path(".")
     with writing(final):
-        if len(final.name.encode()) > _name_max(parent):
+        if len(final.name.encode()) > name_max(parent):
             raise OutputError(f"cannot write {final}: file name too long ({len(final.name.encode())} bytes, "
-                              f"at most {_name_max(parent)})")
+                              f"at most {name_max(parent)})")
         return _check_output_path(final, parent)
 
 
@@ -649,8 +650,8 @@ class AtomicFiles:
         """A temporary path for `final`, in its folder, ending in its suffixes (writers choose formats by them)."""
         final = check_output_path(final)
         parent = final.parent if str(final.parent) else Path(".")
-        suffix = _temporary_suffix(final.name)
-        budget = _name_max(parent) - len(suffix.encode()) - 10  # ".", "-" and mkstemp's 8 random characters
+        suffix = temporary_suffix(final.name)
+        budget = name_max(parent) - len(suffix.encode()) - 10  # ".", "-" and mkstemp's 8 random characters
         stem = final.name.split(".")[0].encode()[:max(0, min(budget, 64))].decode("utf-8", "ignore")
         with writing(final):
             fd, tmp = tempfile.mkstemp(prefix=f".{stem}-", suffix=suffix, dir=parent)

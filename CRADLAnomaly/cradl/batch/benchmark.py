@@ -63,7 +63,7 @@ def resume_check(scans: list[Path], out: Path, model: str | None, workers: int =
 
     import psutil
 
-    from ..cli import _batch_plan
+    from ..cli import batch_plan
     from .runner import DONE_FOLDER, make_tasks, read_valid_record
 
     if out.exists():
@@ -95,7 +95,7 @@ def resume_check(scans: list[Path], out: Path, model: str | None, workers: int =
     started = time.perf_counter()
     rerun = subprocess.run(command, capture_output=True, text=True)
     rows = json.loads((out / "summary.json").read_text())["rows"]
-    plan = _batch_plan(scans, out, False, [])
+    plan = batch_plan(scans, out, False, [])
     tasks = make_tasks(scans, plan, model, "auto", None, False, None)
     valid = sum(read_valid_record(t) is not None for t in tasks)
     return {**events, "scans": len(scans), "finished_before_rerun": len(done_before),
@@ -141,9 +141,9 @@ def main(argv=None) -> int:
     parser.add_argument("--resume-check", action="store_true",
                         help="instead: kill a worker and then the whole 2-worker run part-way, rerun, count")
     args = parser.parse_args(argv)
-    from ..cli import _expand_inputs
+    from ..cli import expand_inputs
 
-    scans = _expand_inputs([args.data])[: args.n]
+    scans = expand_inputs([args.data])[: args.n]
     if len(scans) < args.n:
         print(f"cradl: error: {args.data} holds {len(scans)} scans, fewer than --n {args.n}", file=sys.stderr)
         return 2

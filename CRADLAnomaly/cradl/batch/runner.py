@@ -117,7 +117,7 @@ def detect_scan(task: dict) -> dict:
     """Detect one scan and write its outputs; returns its summary row (never raises for a bad scan)."""
     import torch
 
-    from ..cli import _write_outputs
+    from ..cli import write_outputs
     from ..io import read_image
 
     started = time.perf_counter()
@@ -141,7 +141,7 @@ def detect_scan(task: dict) -> dict:
             dicom = build_dicom_results(Path(task["input"]), result, detector.model_summary(), out.get("seg"),
                                         out.get("pmap"))
         _clear_leftovers(out.values())
-        _write_outputs(result, image, out.get("heatmap"), out["report"], out.get("png"))
+        write_outputs(result, image, out.get("heatmap"), out["report"], out.get("png"))
         written = {kind: Path(out[kind]) for kind in ("heatmap", "report", "png") if kind in out}
         if dicom is not None:
             written.update(save_dicom_results(dicom))
@@ -185,11 +185,11 @@ def _result_fields(result) -> dict:
 
 def _clear_leftovers(finals) -> None:
     """Temporary files a killed attempt left beside these outputs (cradl.io names them '.STEM-XXXXXXXX.SUFFIX')."""
-    from ..io import _temporary_suffix
+    from ..io import temporary_suffix
 
     for final in map(Path, finals):
         stem = final.name.split(".")[0][:64]
-        for leftover in final.parent.glob(f".{stem}-{'?' * 8}{_temporary_suffix(final.name)}"):
+        for leftover in final.parent.glob(f".{stem}-{'?' * 8}{temporary_suffix(final.name)}"):
             try:
                 leftover.unlink()
             except OSError:
@@ -337,10 +337,10 @@ def run_dask_batch(paths: list[Path], plan: list[dict], out_dir: Path, *, model:
 
 
 def _refuse_dicom_clashes(tasks, paths, mask, model) -> None:
-    from ..cli import _model_path, _protected_files, refuse_clashes
+    from ..cli import model_path, protected_files, refuse_clashes
 
-    protected = _protected_files([("input", Path(p)) for p in paths] + ([("--mask", Path(mask))] if mask else [])
-                                 + [("--model", _model_path(model))])
+    protected = protected_files([("input", Path(p)) for p in paths] + ([("--mask", Path(mask))] if mask else [])
+                                + [("--model", model_path(model))])
     extra = [(kind, Path(t["outputs"][kind])) for t in tasks for kind in ("seg", "pmap") if kind in t["outputs"]]
     if extra:
         refuse_clashes(extra, protected)
