@@ -383,7 +383,7 @@ def evaluate(model, data_dir, out_json=None, out_md=None, n_boot: int = 1000, de
     started = time.perf_counter()
     detector = AnomalyDetector.load(model, device=device)
     records, rows = evaluate_cases(detector, data_dir, progress=progress)
-    results = {"meta": _meta(command, started, detector, data_dir, len(rows)),
+    results = {"meta": results_meta(command, started, detector, data_dir, len(rows)),
                "methods": report_methods(records, n_boot, 0), "cases": rows}
     main = next(iter(results["methods"]))
     results["targets"] = targets(results, main, {})
@@ -392,7 +392,8 @@ def evaluate(model, data_dir, out_json=None, out_md=None, n_boot: int = 1000, de
     return results
 
 
-def _meta(command, started, detector, data_dir, n_cases) -> dict:
+def results_meta(command, started, detector, data_dir, n_cases) -> dict:
+    """The `meta` block of a results file: when, on what machine, by which command, with which model, on what."""
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "machine": machine_description(), "command": command, "model": detector.info,
             "volume_aggregate": detector.calibration.get("volume_aggregate"),
@@ -489,7 +490,7 @@ def run_benchmark(config: BenchmarkConfig, out_dir, model=None, normals=None, de
                                    progress=progress)
     step("evaluate", t)
     t = time.perf_counter()
-    results = {"meta": _meta(command, started, detector, test_set, len(rows)),
+    results = {"meta": results_meta(command, started, detector, test_set, len(rows)),
                "config": dataclasses.asdict(config),
                "methods": report_methods(records, config.n_boot, config.seed),
                "method_details": {m.name: m.describe() for m in methods}, "cases": rows}

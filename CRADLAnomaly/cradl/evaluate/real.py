@@ -19,7 +19,7 @@ import SimpleITK as sitk
 
 from .. import calibration as calib
 from .. import realdata
-from .benchmark import _meta, evaluate_cases
+from .benchmark import evaluate_cases, results_meta
 from .metrics import CaseScores, bootstrap_ci, curve_metrics, summarise
 
 log = logging.getLogger("cradl.evaluate")
@@ -122,7 +122,7 @@ def run_real_benchmark(model, data_dir, out_dir, work_dir, root=None, device: st
     for row in rows:
         for name, entry in row["methods"].items():
             entry["percentile"] = calib.percentile(entry["volume_score"], calibrations[name])
-    results = {"meta": _meta(command, started, detector, data_dir, len(rows)),
+    results = {"meta": results_meta(command, started, detector, data_dir, len(rows)),
                "brain_extraction_and_alignment": preparation,
                "groups": group_table(records, rows, n_boot), "cases": rows}
     results["meta"]["timings_s"] = {k: round(v, 1) for k, v in timings.items()}

@@ -9,7 +9,6 @@ import numpy as np
 import torch
 
 from ..gmm import GaussianMixtureNLL
-from ..localize import _slice_noise
 
 
 def loop_nll(features: torch.Tensor, gmm: GaussianMixtureNLL) -> torch.Tensor:
@@ -31,7 +30,10 @@ def loop_score_and_saliency(slices: np.ndarray, indices: np.ndarray, encoder, gm
     scores, saliency = [], []
     for slice_, index in zip(slices, indices):
         clean = torch.from_numpy(slice_)
-        noise = _slice_noise(clean.shape, n_noisy, config["noise_std"], config["seed"], np.array([index]))[0]
+        # the vectorised path's noise rule, restated: each slice's copies come from a generator seeded by the
+        # slice's index, so the comparison also checks that batching does not change the noise
+        generator = torch.Generator().manual_seed(int(config["seed"]) * 100_003 + int(index))
+        noise = torch.randn((n_noisy, *clean.shape), generator=generator) * config["noise_std"]
         grads = []
         for copy in range(n_noisy + 1):
             x = (clean if copy == 0 else clean + noise[copy - 1]).to(device)[None, None].requires_grad_(True)
