@@ -302,7 +302,7 @@ def test_optional_fields_of_other_work_are_accepted_loosely(bundle_path):
         m["contrasts"] = ["t1", "t2"]
 
     _edit_manifest(bundle_path, extend)
-    assert load_bundle(bundle_path).manifest["contrasts"] == ["t1", "t2"]
+    assert load_bundle(bundle_path).manifest.contrasts == ("t1", "t2")
     _edit_manifest(bundle_path, lambda m: m.update(contrasts="t1"))
     with pytest.raises(ModelError, match="contrasts must be a list"):
         load_bundle(bundle_path)
@@ -333,7 +333,7 @@ def test_a_format_2_bundle_without_its_checksum_is_refused(bundle_path):
 
 def test_the_bundled_default_model_loads_and_validates():
     bundle = load_bundle()
-    assert bundle.fingerprint.startswith("sha256:") and bundle.manifest["format_version"] in (1, 2)
+    assert bundle.fingerprint.startswith("sha256:") and bundle.manifest.format_version in (1, 2)
 
 
 def test_a_full_disk_while_saving_a_bundle_leaves_nothing(bundle_path, tmp_path):

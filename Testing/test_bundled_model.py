@@ -20,14 +20,14 @@ def test_the_default_model_is_bundled_with_the_module_and_small():
 
 def test_its_manifest_names_the_training_recipe_and_calibration():
     manifest = load_bundle().manifest
-    assert manifest["name"] == "cradl-default" and manifest["contrasts"] == ["t1"]
-    assert manifest["calibration"]["typicality"]["limit"] > 0
-    recipe = manifest["training"]["recipe"]
+    assert manifest.name == "cradl-default" and manifest.contrasts == ("t1",)
+    assert manifest.calibration["typicality"]["limit"] > 0
+    recipe = manifest.recipe
     for key in ("epochs", "slice_size", "spacing_mm", "grid", "gmm_components", "seed"):
         assert key in recipe
-    assert manifest["training"]["n_calibration_scans"] >= 10
-    assert manifest["gmm"]["n_components"] in (1, 2, 4, 8)
-    assert len(manifest["calibration"]["volume_scores"]) == manifest["calibration"]["n_scans"] >= 10
+    assert manifest.training["n_calibration_scans"] >= 10
+    assert manifest.gmm["n_components"] in (1, 2, 4, 8)
+    assert len(manifest.calibration["volume_scores"]) == manifest.calibration["n_scans"] >= 10
 
 
 def test_load_without_a_path_gives_the_default_model():
@@ -55,7 +55,7 @@ def test_the_readme_demo_writes_heatmap_report_and_png(demo):
 
 
 def test_it_was_trained_on_the_recorded_split_and_never_saw_the_test_subjects():
-    split = load_bundle().manifest["training"]["data_split"]
+    split = load_bundle().manifest.training["data_split"]
     recorded = realdata.recorded_split()
     for group in ("train", "validation", "calibration", "test"):
         assert split[group] == recorded[group]

@@ -183,11 +183,11 @@ def test_calibrate_rederives_normal_statistics_and_keeps_the_weights(tiny_model,
     before, after = load_bundle(tiny_model), load_bundle(out)
     x = torch.rand(2, 1, 64, 64)
     assert torch.equal(before.encoder(x), after.encoder(x))
-    assert after.manifest["localization"]["gaussian_sigma_px"] == 2.0
-    assert after.manifest["localization"]["gaussian_sigma_z_px"] == 1.0
-    assert after.manifest["calibration"]["n_scans"] == 2
-    assert after.manifest["calibration"]["heatmap_scale"] != before.manifest["calibration"]["heatmap_scale"]
-    assert after.manifest["recalibrations"][-1]["n_scans"] == 4
+    assert after.manifest.localization["gaussian_sigma_px"] == 2.0
+    assert after.manifest.localization["gaussian_sigma_z_px"] == 1.0
+    assert after.manifest.calibration["n_scans"] == 2
+    assert after.manifest.calibration["heatmap_scale"] != before.manifest.calibration["heatmap_scale"]
+    assert after.manifest.recalibrations[-1]["n_scans"] == 4
 
 
 def test_calibrate_refuses_too_few_scans_without_writing(tiny_model, normal_cohort, tmp_path):

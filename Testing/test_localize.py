@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 from sklearn.metrics import average_precision_score
 
-from cradl.localize import DEFAULT_LOCALIZATION, postprocess_saliency
+from cradl.localize import postprocess_saliency
+from cradl.manifest import DEFAULT_LOCALIZATION, complete_localization
 
 
 def test_smoothing_across_slices_finds_a_lesion_better_through_independent_slice_noise():
@@ -42,7 +43,7 @@ def test_the_heatmap_is_zero_outside_the_mask():
 def test_bundles_written_before_cross_slice_smoothing_keep_their_heatmaps():
     saliency = np.random.default_rng(3).random((6, 32, 32)).astype(np.float32)
     mask = np.ones_like(saliency, dtype=bool)
-    old = {k: v for k, v in DEFAULT_LOCALIZATION.items() if k != "gaussian_sigma_z_px"}
+    old = complete_localization({k: v for k, v in DEFAULT_LOCALIZATION.items() if k != "gaussian_sigma_z_px"})
     in_plane_only = dict(DEFAULT_LOCALIZATION, gaussian_sigma_z_px=0.0)
     np.testing.assert_array_equal(postprocess_saliency(saliency, mask, old, np.arange(6)),
                                   postprocess_saliency(saliency, mask, in_plane_only, np.arange(6)))

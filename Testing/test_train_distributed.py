@@ -46,7 +46,7 @@ def test_two_processes_train_a_bundle_that_detects(ddp_model, small_cohort):
     run, out = ddp_model
     assert run.returncode == 0, run.stderr
     assert run.stdout.count(f"wrote {out}") == 1  # rank 0 alone reports and writes
-    training = load_bundle(out).manifest["training"]
+    training = load_bundle(out).manifest.training
     assert training["distributed"]["processes"] == 2 and training["distributed"]["backend"] == "gloo"
     assert len(training["loss_per_epoch"]) == 2
     state = torch.load(out.with_suffix(".ckpt"), weights_only=True)
@@ -72,7 +72,7 @@ def test_an_interrupted_two_process_run_resumes_from_its_checkpoint(ddp_model, s
     assert "resuming from" in run.stderr and "at epoch 2" in run.stderr
     from cradl.bundle import load_bundle
 
-    history = load_bundle(out).manifest["training"]["loss_per_epoch"]
+    history = load_bundle(out).manifest.training["loss_per_epoch"]
     assert len(history) == 2 and history[0] == state["history"][0]
 
 

@@ -28,6 +28,7 @@ import numpy as np
 from .calibration import check_loose, validate_calibration
 from .errors import ModelError
 from .io import atomic_path, writing
+from .manifest import ModelManifest
 from .space import ReferenceGrid
 
 if TYPE_CHECKING:  # torch is imported where a network is built: `cradl info` reads a bundle without it
@@ -52,7 +53,7 @@ LIMITS = {"width": (1, 512), "feature_dim": (1, 2048), "grid": (1, 16), "slice_s
 class ModelBundle:
     """Everything detection needs, loaded and validated."""
 
-    manifest: dict
+    manifest: ModelManifest
     encoder: SliceEncoder
     gmm: GaussianMixtureNLL
     template: np.ndarray  # reference-grid T1 template, [z, y, x] float32
@@ -62,18 +63,18 @@ class ModelBundle:
 
     @property
     def grid(self) -> ReferenceGrid:
-        return ReferenceGrid.from_json(self.manifest["reference"]["grid"])
+        return self.manifest.reference.grid
 
     @property
     def name(self) -> str:
-        return self.manifest["name"]
+        return self.manifest.name
 
     @property
     def version(self) -> str:
-        return self.manifest["version"]
+        return self.manifest.version
 
     def save(self, path: str | Path) -> None:
-        save_bundle(path, self.manifest, self.encoder, self.gmm, self.template, self.template_mask)
+        save_bundle(path, self.manifest.stored, self.encoder, self.gmm, self.template, self.template_mask)
 
 
 def save_bundle(path, manifest: dict, encoder: SliceEncoder, gmm: GaussianMixtureNLL,
@@ -123,11 +124,11 @@ def load_bundle(path: str | Path | None = None) -> ModelBundle:
     return _assemble(manifest, arrays, path, fingerprint)
 
 
-def read_manifest(path: str | Path | None = None) -> tuple[dict, str]:
+def read_manifest(path: str | Path | None = None) -> tuple[ModelManifest, str]:
     """A bundle's validated manifest and its fingerprint, every array's checksum verified, without torch (for
     `cradl info`): `load_bundle` also builds the network, checking the encoder's layer shapes and the values."""
     _, manifest, fingerprint, _ = _read_bundle(path, check_network=False)
-    return manifest, fingerprint
+    return ModelManifest.from_dict(manifest), fingerprint
 
 
 def _read_bundle(path, check_network: bool) -> tuple[Path, dict, str, dict[str, np.ndarray]]:
@@ -377,19 +378,20 @@ def _read_array(archive: zipfile.ZipFile, name: str, spec: dict, path: Path) -> 
     return array
 
 
-def _assemble(manifest: dict, arrays: dict, path: Path, fingerprint: str | None = None) -> ModelBundle:
+def _assemble(stored: dict, arrays: dict, path: Path, fingerprint: str | None = None) -> ModelBundle:
     import torch
 
     from .encoder import SliceEncoder
     from .gmm import GaussianMixtureNLL
 
     try:
-        spec = manifest["encoder"]
-        encoder = SliceEncoder(int(spec["width"]), int(spec["feature_dim"]), int(spec.get("grid", 1)))
+        manifest = ModelManifest.from_dict(stored)
+        spec = manifest.encoder
+        encoder = SliceEncoder(spec.width, spec.feature_dim, spec.grid)
         state = {k[len("encoder."):]: torch.from_numpy(v.copy()) for k, v in arrays.items() if k.startswith("encoder.")}
         encoder.load_state_dict(state, strict=True)
         gmm = GaussianMixtureNLL.from_arrays(arrays)
-        grid = ReferenceGrid.from_json(manifest["reference"]["grid"])
+        grid = manifest.reference.grid
     except (KeyError, RuntimeError, ValueError, TypeError) as exc:
         raise ModelError(f"{path} does not describe a consistent model: {str(exc).splitlines()[0][:160]}") from None
     expected = tuple(reversed(grid.size))

@@ -130,10 +130,10 @@ class AnomalyDetector:
             parameter.requires_grad_(False)
         self.space = ReferenceSpace(bundle.grid, bundle.template, bundle.template_mask)
         manifest = bundle.manifest
-        self.normalisation = manifest["normalisation"]
-        self.localization = manifest["localization"]
-        self.calibration = manifest["calibration"]
-        self.min_brain_fraction = float(manifest["reference"]["min_brain_fraction"])
+        self.normalisation = manifest.normalisation
+        self.localization = manifest.localization
+        self.calibration = manifest.calibration
+        self.min_brain_fraction = manifest.reference.min_brain_fraction
 
     @classmethod
     def load(cls, path: str | Path | None = None, device: str = "auto",
@@ -143,8 +143,8 @@ class AnomalyDetector:
     @property
     def info(self) -> dict:
         m = self.bundle.manifest
-        return {"name": m["name"], "version": m["version"], "description": m.get("description", ""),
-                "training": m.get("training", {}), "slice_size": self.bundle.grid.size[0],
+        return {"name": m.name, "version": m.version, "description": m.description,
+                "training": m.training, "slice_size": self.bundle.grid.size[0],
                 "spacing_mm": self.bundle.grid.spacing, "gmm_components": self.gmm.n_components,
                 "path": str(self.bundle.path) if self.bundle.path else None}
 
@@ -203,8 +203,7 @@ class AnomalyDetector:
                                  float(self.calibration["min_region_mm3"]), self.model_summary(),
                                  timings=timings, source=source, brain_extraction=prepared.brain_extraction,
                                  typicality=typicality.assess(z, self.calibration))
-        result.contrast_mismatch = (self.bundle.manifest.get("contrasts") == ["t1"]
-                                    and prepared.t1_likeness < T1_LIKENESS_MIN)
+        result.contrast_mismatch = self.bundle.manifest.t1_only and prepared.t1_likeness < T1_LIKENESS_MIN
         result.warnings = self._warnings(result)
         if heatmap:
             report(0.8, "Mapping the heatmap onto the scan")
@@ -231,8 +230,7 @@ class AnomalyDetector:
         return warnings
 
     def model_summary(self) -> dict:
-        m = self.bundle.manifest
-        return {"name": m["name"], "version": m["version"], "gmm_components": self.gmm.n_components}
+        return {"name": self.bundle.name, "version": self.bundle.version, "gmm_components": self.gmm.n_components}
 
     def _slice_centres_ras(self, prepared: PreparedScan) -> np.ndarray:
         """Centre of the brain in each scored reference slice, in the scan's RAS coordinates."""

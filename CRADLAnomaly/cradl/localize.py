@@ -15,9 +15,6 @@ from scipy import ndimage
 from .encoder import SliceEncoder
 from .gmm import GaussianMixtureNLL
 
-DEFAULT_LOCALIZATION = {"smoothgrad_samples": 4, "noise_std": 0.05, "median_size": 5,
-                        "gaussian_sigma_px": 3.0, "gaussian_sigma_z_px": 3.0, "seed": 0}
-
 
 def _slice_noise(shape, n_noisy: int, std: float, seed: int, indices: np.ndarray) -> torch.Tensor:
     """Noise for each slice from a generator seeded by the slice's index: results do not depend on batching."""
@@ -82,7 +79,7 @@ def postprocess_saliency(saliency: np.ndarray, mask: np.ndarray, config: dict,
     sigma = float(config["gaussian_sigma_px"])
     if sigma > 0:
         heat = ndimage.gaussian_filter(heat, sigma=(0, sigma, sigma))
-    sigma_z = float(config.get("gaussian_sigma_z_px", 0.0))  # absent from bundles written before it existed
+    sigma_z = float(config["gaussian_sigma_z_px"])
     if sigma_z > 0 and len(heat) > 1:
         positions = np.arange(len(heat)) if indices is None else np.asarray(indices) - np.min(indices)
         stack = np.zeros((int(positions.max()) + 1, *heat.shape[1:]), np.float32)

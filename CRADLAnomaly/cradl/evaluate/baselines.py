@@ -70,7 +70,7 @@ def load_cohort(detector: AnomalyDetector, normal_dirs=None, cache: Path | None 
                 progress: bool = True) -> Cohort:
     """The normal scans the model was trained on (default: the folders its manifest names), prepared in its space."""
     config = config_from_manifest(detector.bundle.manifest)
-    dirs = list(normal_dirs or detector.bundle.manifest.get("training", {}).get("data", []))
+    dirs = list(normal_dirs or detector.bundle.manifest.training_data)
     if not dirs:
         raise ValueError("the model does not name its training data; pass the normal-scan folder")
     paths = find_scans(dirs)
@@ -164,7 +164,7 @@ def cradl_variant(base: AnomalyDetector, name: str, features: nn.Module, gmm: Ga
     gmm = gmm.to(base.device).eval()
     calibration = calibrate(features, gmm, cohort.pick(cohort.val), cohort.pick(cohort.cal), cohort.config,
                             base.device, cohort.progress)
-    manifest = dict(base.bundle.manifest, calibration=calibration, name=f"{base.bundle.name}:{name}")
+    manifest = dataclasses.replace(base.bundle.manifest, calibration=calibration, name=f"{base.bundle.name}:{name}")
     bundle = ModelBundle(manifest, features, gmm, base.bundle.template, base.bundle.template_mask, base.bundle.path)
     return CradlMethod(name, AnomalyDetector(bundle, device=base.device, batch_size=base.batch_size), info)
 

@@ -171,8 +171,8 @@ def _rank_main(rank, world, init, normal_dirs, out, config, device, resume, prog
         if rank == 0:
             train_model(normal_dirs, out, config, device=str(dev.type), resume=True, scans=paths, progress=progress)
             bundle = load_bundle(out)
-            manifest = dict(bundle.manifest)
-            training = dict(manifest["training"])
+            manifest = dict(bundle.manifest.stored)
+            training = dict(bundle.manifest.training)
             training["distributed"] = {"processes": world, "backend": dist.get_backend(),
                                        "global_batch_size": config.batch_size,
                                        "simclr_seconds": round(simclr_seconds, 1)}

@@ -24,7 +24,8 @@ from ..encoder import ProjectionHead, SliceEncoder
 from ..errors import CradlError, InputError
 from ..gmm import GaussianMixtureNLL
 from ..io import IMAGE_SUFFIXES, atomic_path, read_image
-from ..localize import DEFAULT_LOCALIZATION, postprocess_saliency, score_and_saliency, score_slices
+from ..localize import postprocess_saliency, score_and_saliency, score_slices
+from ..manifest import DEFAULT_LOCALIZATION, ModelManifest
 from ..preprocess import DEFAULT_NORMALISATION, PreparedScan, prepare_scan
 from ..pins import DEEPBET
 from ..space import ReferenceSpace
@@ -364,15 +365,15 @@ def calibrate(encoder, gmm, val_scans: list[PreparedScan], scans: list[PreparedS
     return stats
 
 
-def config_from_manifest(manifest: dict, **overrides) -> TrainConfig:
+def config_from_manifest(manifest: ModelManifest, **overrides) -> TrainConfig:
     """The TrainConfig a bundle was trained with (its recipe), with the bundle's detection settings winning
     over the recipe (they are what detection uses), then `overrides`."""
     names = {f.name for f in fields(TrainConfig)}
-    recipe = {k: v for k, v in manifest.get("training", {}).get("recipe", {}).items() if k in names}
+    recipe = {k: v for k, v in manifest.recipe.items() if k in names}
     if "gmm_components" in recipe:
         recipe["gmm_components"] = tuple(recipe["gmm_components"])
-    recipe.update(localization=dict(manifest["localization"]), normalisation=dict(manifest["normalisation"]),
-                  min_brain_fraction=manifest["reference"]["min_brain_fraction"])
+    recipe.update(localization=dict(manifest.localization), normalisation=dict(manifest.normalisation),
+                  min_brain_fraction=manifest.reference.min_brain_fraction)
     recipe.update(overrides)
     return TrainConfig(**recipe)
 
@@ -391,12 +392,12 @@ def recalibrate_model(model: str | Path | None, normal_dirs, out: str | Path, lo
     paths = find_scans(normal_dirs)
     if len(paths) < 4:
         raise InputError(f"calibration needs at least 4 normal scans; found {len(paths)}")
-    manifest = copy.deepcopy(bundle.manifest)
+    manifest = copy.deepcopy(bundle.manifest.stored)
     # settings an older bundle lacks (e.g. smoothing across slices) take today's defaults
     overrides = {"localization": {**DEFAULT_LOCALIZATION, **manifest["localization"], **(localization or {})}}
     if false_alarm_quantile is not None:
         overrides["false_alarm_quantile"] = false_alarm_quantile
-    config = config_from_manifest(manifest, **overrides)
+    config = config_from_manifest(bundle.manifest, **overrides)
     space = ReferenceSpace(bundle.grid, bundle.template, bundle.template_mask)
     prepared = prepare_all(paths, space, config, cache=None, progress=progress)
     order = np.random.default_rng(seed).permutation(len(paths))
