@@ -34,7 +34,7 @@ TINY_RECIPE = dict(slice_size=64, spacing_mm=3.0, width=12, feature_dim=32, grid
 @pytest.fixture(scope="session")
 def normal_cohort(tmp_path_factory) -> Path:
     """Ten synthetic normal brains (written by the project's generator)."""
-    from cradl.train.synthetic import generate_normal_cohort
+    from cradl.synthetic.sets import generate_normal_cohort
 
     folder = tmp_path_factory.mktemp("normals")
     generate_normal_cohort(folder, n=10, seed=11, progress=False)
@@ -60,8 +60,8 @@ def tiny_detector(tiny_model):
 @pytest.fixture(scope="session")
 def sample_case(tmp_path_factory):
     """A held-out synthetic normal scan with a 30 mm tumour-like lesion: (image path, mask image, normal image)."""
-    from cradl.evaluate.anomalies import insert_anomaly
-    from cradl.train.synthetic import make_normal_scan
+    from cradl.synthetic.lesions import insert_anomaly
+    from cradl.synthetic.scans import make_normal_scan
 
     rng = np.random.default_rng(2024)
     normal, labels = make_normal_scan(rng, contrast="t1")

@@ -1,4 +1,4 @@
-"""Labelled abnormal cases (cradl.evaluate.anomalies): each anomaly changes the scan where its mask
+"""Labelled abnormal cases (cradl.synthetic.lesions and .sets): each anomaly changes the scan where its mask
 says, barely anywhere else, has about the size asked for, and looks like what it imitates."""
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ import SimpleITK as sitk
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "CRADLAnomaly"))
 
-from cradl.evaluate.anomalies import ANOMALY_TYPES, generate_anomaly_set, insert_anomaly  # noqa: E402
-from cradl.train.synthetic import _sample_parameters, generate_normal_cohort, make_normal_scan  # noqa: E402
+from cradl.synthetic.lesions import ANOMALY_TYPES, insert_anomaly  # noqa: E402
+from cradl.synthetic.scans import _sample_parameters, make_normal_scan  # noqa: E402
+from cradl.synthetic.sets import generate_anomaly_set, generate_normal_cohort  # noqa: E402
 
 DEFORMING = ("tumour", "deformation")        # move tissue: small changes around the mask are expected
 
@@ -132,7 +133,7 @@ def test_lesions_look_as_they_do_on_each_contrast(scans, contrast):
 
 
 def test_contrast_is_inferred_when_not_given(scans):
-    from cradl.evaluate.anomalies import _Scan, infer_contrast
+    from cradl.synthetic.lesions import _Scan, infer_contrast
     for contrast in ("t1", "t2", "flair"):
         image, labels = scans[contrast]
         assert infer_contrast(_Scan(image, labels).tissue_medians()) == contrast

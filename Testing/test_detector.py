@@ -7,9 +7,10 @@ import pytest
 import SimpleITK as sitk
 
 from cradl import AnomalyDetector, DetectionCancelled, InputError
-from cradl.evaluate.anomalies import insert_anomaly
 from cradl.io import read_image
-from cradl.train.synthetic import CONTRASTS, make_normal_scan, scan_rng
+from cradl.synthetic.lesions import insert_anomaly
+from cradl.synthetic.scans import CONTRASTS, make_normal_scan
+from cradl.synthetic.sets import scan_rng
 
 
 @pytest.fixture(scope="module")

@@ -41,7 +41,7 @@ def test_ras_canonical_layout_matches_nibabel_and_round_trips(code, tmp_path):
 
 
 def test_a_skull_stripped_scan_keeps_its_own_brain_region():
-    from cradl.train.synthetic import make_normal_scan
+    from cradl.synthetic.scans import make_normal_scan
 
     image, labels = make_normal_scan(np.random.default_rng(2024), contrast="t1")
     brain = sitk.GetArrayFromImage(labels) > 0
@@ -193,7 +193,7 @@ def test_group_table_reports_each_group_against_the_same_normals():
 
 def test_the_brain_mask_of_a_scan_seen_again_is_not_recomputed(monkeypatch):
     from cradl import brain
-    from cradl.train.synthetic import make_normal_scan
+    from cradl.synthetic.scans import make_normal_scan
 
     image, _ = make_normal_scan(np.random.default_rng(7), contrast="t1")
     first = brain.network_mask(image)

@@ -10,7 +10,7 @@ import SimpleITK as sitk
 
 from cradl.io import read_image
 from cradl.space import ReferenceSpace, lps_to_ras, ras_to_lps
-from cradl.train.synthetic import template_to_scan_affine
+from cradl.synthetic.scans import template_to_scan_affine
 
 
 @pytest.fixture(scope="module")

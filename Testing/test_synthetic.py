@@ -1,4 +1,4 @@
-"""The synthetic normal cohort (cradl.train.synthetic): what the trainer and the CLI can rely on."""
+"""The synthetic normal cohort (cradl.synthetic.scans and .sets): what the trainer and the CLI can rely on."""
 from __future__ import annotations
 
 import json
@@ -11,9 +11,9 @@ import SimpleITK as sitk
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "CRADLAnomaly"))
 
+from cradl.synthetic.scans import CONTRASTS, _sample_parameters, make_normal_scan, mni_brain_centre  # noqa: E402
+from cradl.synthetic.sets import generate_normal_cohort  # noqa: E402
 from cradl.template import load_mni  # noqa: E402
-from cradl.train.synthetic import (CONTRASTS, _sample_parameters, generate_normal_cohort,  # noqa: E402
-                                   make_normal_scan, mni_brain_centre)
 
 
 def _seed_with(**wanted) -> int:

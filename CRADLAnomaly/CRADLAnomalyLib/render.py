@@ -210,8 +210,8 @@ def _sampleCase(detector, case: str):
         image, lesion = sampleScan(detector.space.template)
         return image, lesion, "Model template with an inserted lesion on an oblique, flipped grid"
     if case == "synthetic":
-        from cradl.evaluate.anomalies import insert_anomaly
-        from cradl.train.synthetic import make_normal_scan
+        from cradl.synthetic.lesions import insert_anomaly
+        from cradl.synthetic.scans import make_normal_scan
 
         rng = np.random.default_rng(2024)
         normal, labels = make_normal_scan(rng, contrast="t1")

@@ -25,7 +25,7 @@ import SimpleITK as sitk
 from ..errors import CradlError, InputError
 from ..io import plain_json, read_image, write_json
 from ..regions import find_regions
-from .anomalies import ANOMALY_TYPES
+from ..synthetic.lesions import ANOMALY_TYPES
 from .metrics import CaseScores, curve_metrics, dice, full_report, region_outcome, score_histograms
 
 log = logging.getLogger("cradl.evaluate")
@@ -410,10 +410,9 @@ def run_benchmark(config: BenchmarkConfig, out_dir, model=None, normals=None, de
     Steps whose outputs already exist in out_dir are reused (a rerun resumes). `model` reuses a trained
     bundle (its training normals are taken from `normals` or from the folders its manifest names)."""
     from ..detector import AnomalyDetector
-    from ..train.synthetic import generate_normal_cohort
+    from ..synthetic.sets import generate_anomaly_set, generate_normal_cohort
     from ..train.trainer import TrainConfig, train_model
     from . import baselines as bl
-    from .anomalies import generate_anomaly_set
 
     started = time.perf_counter()
     out = Path(out_dir)

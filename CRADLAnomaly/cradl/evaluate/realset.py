@@ -24,7 +24,7 @@ from .. import realdata
 from ..io import write_image, write_json
 from ..preprocess import DEFAULT_NORMALISATION, brain_only
 from ..space import ReferenceSpace, resample
-from .anomalies import ANOMALY_TYPES, insert_anomaly
+from ..synthetic.lesions import ANOMALY_TYPES, insert_anomaly
 
 MIN_STROKE_ML = 1.0  # smaller acute lesions are below what a 2 mm model can be asked to find
 SYNTHETIC_TYPES = tuple(t for t in ANOMALY_TYPES if t != "stroke")  # real stroke shapes stand for strokes

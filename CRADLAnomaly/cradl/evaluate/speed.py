@@ -29,7 +29,7 @@ def make_volume(name: str, seed: int = 0) -> sitk.Image:
     """A normal brain resampled onto the grid of the named size, centred on it: for `head-1mm` a held-out
     real IXI head with skull (when the shared data are here), else a synthetic normal brain."""
     from .. import realdata
-    from ..train.synthetic import make_normal_scan
+    from ..synthetic.scans import make_normal_scan
 
     size, spacing = SIZES[name]
     if name.startswith("head") and realdata.available():

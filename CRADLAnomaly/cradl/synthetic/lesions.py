@@ -1,4 +1,5 @@
-"""Labelled ABNORMAL cases: anomalies inserted into synthetic normal scans, with exact voxel masks.
+"""Anomalies inserted into a scan with a tissue label map, with exact voxel masks: placement, lesion geometry
+and the kinds of lesion (a labelled set folder of such cases is written by `sets.generate_anomaly_set`).
 
 Realistic lesions (their appearance depends on the contrast) and MOOD-style artificial anomalies:
 
@@ -22,15 +23,10 @@ in physical space (mm), so anisotropic and oddly oriented grids get correctly sh
 """
 from __future__ import annotations
 
-import json
-import shutil
-from pathlib import Path
-
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage as ndi
 
-from ..io import atomic_path, write_json
 from ..template import CSF, GM, WM
 
 ANOMALY_TYPES = ("tumour", "stroke", "wm_lesions", "resection", "blob", "noise_patch", "deformation", "copy_patch")
@@ -534,97 +530,3 @@ def insert_anomaly(image: sitk.Image, labels: sitk.Image, kind: str, size_mm: fl
         info.update(details)
         info["contrast"] = ins.contrast
     return out, mask
-
-
-# ---------------------------------------------------------------------------- the labelled set
-
-def _normal_scans(normal_dir: Path) -> list[dict]:
-    cohort = normal_dir / "cohort.json"
-    if cohort.exists():
-        data = json.loads(cohort.read_text())
-        return [{"image": normal_dir / rec["image"], "labels": normal_dir / rec["labels"],
-                 "contrast": rec.get("contrast")} for rec in data["scans"]]
-    scans = []
-    for path in sorted(normal_dir.glob("*.nii.gz")):
-        stem = path.name[:-len(".nii.gz")]
-        scans.append({"image": path, "labels": normal_dir / "labels" / f"{stem}_labels.nii.gz", "contrast": None})
-    return scans
-
-
-def _copy_atomic(src: Path, dst: Path) -> None:
-    with atomic_path(dst) as tmp:
-        shutil.copyfile(src, tmp)
-
-
-def generate_anomaly_set(normal_dir, out_dir, seed: int, sizes_mm=(5, 10, 20, 35, 50), types=ANOMALY_TYPES,
-                         n_per_combo: int = 1, n_normals: int = 10, progress: bool = True) -> Path:
-    """Inserts anomalies into the scans of normal_dir (a folder written by generate_normal_cohort, using its labels/
-    subfolder), writes out_dir/case_000.nii.gz + out_dir/masks/case_000_mask.nii.gz and out_dir/manifest.json
-    listing every case {image, mask (null for normals), type ('normal' for clean scans), size_mm, contrast,
-    source}. Normal (unmodified) scans are included as their own cases. Returns the manifest path."""
-    from ..train.synthetic import write_image_atomic
-
-    normal_dir, out_dir = Path(normal_dir), Path(out_dir)
-    scans = _normal_scans(normal_dir)
-    if not scans:
-        raise ValueError(f"no normal scans found in {normal_dir}")
-    for t in types:
-        if t not in _KINDS:
-            raise ValueError(f"unknown anomaly type {t!r}; choose from {ANOMALY_TYPES}")
-    (out_dir / "masks").mkdir(parents=True, exist_ok=True)
-    order = np.random.default_rng([int(seed), 2**31]).permutation(len(scans))
-    plan = [("normal", None) for _ in range(min(int(n_normals), len(scans)))]
-    plan += [(t, float(size)) for t in types for size in sizes_mm for _ in range(int(n_per_combo))]
-    width = max(3, len(str(len(plan) - 1)))
-    cases: list[dict | None] = [None] * len(plan)
-    by_host: dict[int, list[int]] = {}
-    for case, (kind, _) in enumerate(plan):
-        host = int(order[case % len(scans)]) if kind != "normal" else int(order[case])
-        by_host.setdefault(host, []).append(case)
-
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=len(plan), desc="anomaly cases", unit="case")
-    for host, case_ids in sorted(by_host.items()):
-        scan = scans[host]
-        image = labels = None
-        for case in case_ids:
-            kind, size = plan[case]
-            name = f"case_{case:0{width}d}"
-            entry = {"id": name, "image": f"{name}.nii.gz", "mask": None, "type": kind, "size_mm": size,
-                     "contrast": scan["contrast"], "source": str(scan["image"])}
-            if kind == "normal":
-                _copy_atomic(scan["image"], out_dir / entry["image"])
-            else:
-                if image is None:
-                    image = sitk.ReadImage(str(scan["image"]))
-                    labels = sitk.ReadImage(str(scan["labels"]), sitk.sitkUInt8)
-                info: dict = {}
-                abnormal, mask = insert_anomaly(sitk.Cast(image, sitk.sitkFloat32), labels, kind, size,
-                                                np.random.default_rng([int(seed), case]), scan["contrast"], info)
-                if image.GetPixelID() in (sitk.sitkInt16, sitk.sitkUInt16, sitk.sitkInt32, sitk.sitkUInt8):
-                    abnormal = sitk.Cast(sitk.Round(abnormal), image.GetPixelID())
-                entry["mask"] = f"masks/{name}_mask.nii.gz"
-                entry["contrast"] = info["contrast"]
-                m = sitk.GetArrayViewFromImage(mask)
-                entry["volume_mm3"] = float(m.sum() * np.prod(mask.GetSpacing()))
-                idx = np.argwhere(m).mean(axis=0)[::-1]
-                centre = mask.TransformContinuousIndexToPhysicalPoint(idx.tolist())
-                entry["centre_lps"] = [round(float(v), 2) for v in centre]
-                entry["details"] = {k: v for k, v in info.items() if k != "contrast"}
-                write_image_atomic(mask, out_dir / entry["mask"])
-                write_image_atomic(abnormal, out_dir / entry["image"])
-                del abnormal, mask
-            cases[case] = entry
-            if bar is not None:
-                bar.update(1)
-        del image, labels
-    if bar is not None:
-        bar.close()
-    manifest = out_dir / "manifest.json"
-    write_json({"generator": "cradl.evaluate.anomalies", "seed": int(seed), "normal_dir": str(normal_dir),
-                "sizes_mm": [float(v) for v in sizes_mm], "types": list(types),
-                "n_per_combo": int(n_per_combo), "n_normals": sum(k == "normal" for k, _ in plan),
-                "cases": cases}, manifest)
-    return manifest

@@ -1,4 +1,5 @@
-"""A synthetic cohort of NORMAL brain scans built from the MNI152 2009a template.
+"""Synthetic NORMAL brain scans built from the MNI152 2009a template, one at a time in memory (a cohort
+folder of them is written by `sets.generate_normal_cohort`).
 
 No data set can be downloaded on these machines, so normal anatomy comes from the template's grey-
 and white-matter probability maps (CSF = brain minus GM minus WM) and is varied the way real scans
@@ -22,14 +23,10 @@ nearest neighbour). A scan takes about a second on one core; the same seed gives
 """
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage as ndi
 
-from ..io import write_json
 from ..template import BACKGROUND, load_mni
 
 CONTRASTS = ("t1", "t2", "flair")
@@ -308,58 +305,3 @@ def make_normal_scan(rng: np.random.Generator, contrast: str | None = None,
         p["origin"] = origin.tolist()
         _params_out.update(p)
     return out, lab
-
-
-# ---------------------------------------------------------------------------- the cohort
-
-def write_image_atomic(image: sitk.Image, path: str | os.PathLike) -> None:
-    """Write `image` to `path` through a temporary file in the same folder, renamed when complete.
-
-    Whole-number float images within the int16 range are stored as int16 (4x faster to compress).
-    """
-    from ..io import write_image
-
-    if image.GetPixelID() == sitk.sitkFloat32:
-        arr = sitk.GetArrayViewFromImage(image)
-        if arr.size and np.all(np.abs(arr) < 32767) and np.array_equal(arr, np.rint(arr)):
-            image = sitk.Cast(image, sitk.sitkInt16)
-    write_image(image, path)
-
-
-def scan_rng(seed: int, index: int) -> np.random.Generator:
-    """The generator of scan `index` in a cohort: independent of the other scans, so runs can be resumed."""
-    return np.random.default_rng([int(seed), int(index)])
-
-
-def generate_normal_cohort(out_dir, n: int, seed: int, progress: bool = True) -> list[Path]:
-    """Writes out_dir/normal_000.nii.gz ... and out_dir/labels/normal_000_labels.nii.gz, plus out_dir/cohort.json
-    (seed, n, per-scan contrast, resolution, augmentation parameters). Returns the image paths."""
-    out_dir = Path(out_dir)
-    (out_dir / "labels").mkdir(parents=True, exist_ok=True)
-    width = max(3, len(str(n - 1)))
-    # contrasts balanced across the cohort, cycling in a seeded order (scan i's contrast does not depend on n)
-    cycle = [CONTRASTS[k] for k in np.random.default_rng([int(seed), 2**31]).permutation(len(CONTRASTS))]
-    contrasts = [cycle[i % len(cycle)] for i in range(n)]
-    records, paths = [], []
-    iterator = range(n)
-    if progress:
-        from tqdm import tqdm
-        iterator = tqdm(iterator, desc="synthetic normals", unit="scan")
-    for idx in iterator:
-        name = f"normal_{idx:0{width}d}"
-        params: dict = {}
-        image, labels = make_normal_scan(scan_rng(seed, idx), contrasts[idx], _params_out=params)
-        path = out_dir / f"{name}.nii.gz"
-        label_path = out_dir / "labels" / f"{name}_labels.nii.gz"
-        write_image_atomic(labels, label_path)
-        write_image_atomic(image, path)
-        records.append({"image": path.name, "labels": f"labels/{label_path.name}", "contrast": params["contrast"],
-                        "spacing": params["spacing"], "size": params["size"],
-                        "orientation": sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(
-                            image.GetDirection()),
-                        "resolution": params["resolution"], "augmentation": params})
-        paths.append(path)
-        del image, labels
-    write_json({"generator": "cradl.train.synthetic", "template": "MNI152 2009a (nilearn)",
-                "seed": int(seed), "n": int(n), "scans": records}, out_dir / "cohort.json")
-    return paths
