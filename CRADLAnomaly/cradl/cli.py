@@ -648,18 +648,19 @@ def run_info(args) -> int:
     from .bundle import read_manifest  # not load_bundle: the card needs no network, so no torch
 
     m, fingerprint = read_manifest(args.model)
-    summary = {"fingerprint": fingerprint}
-    summary.update({k: m[k] for k in ("name", "version", "description", "created", "gmm", "reference") if k in m})
-    summary["training"] = {k: v for k, v in m.get("training", {}).items() if k not in ("loss_per_epoch", "data_split")}
-    summary["localization"] = m["localization"]
-    calibration = m["calibration"]
+    stored = m.stored
+    summary = {"fingerprint": fingerprint, "name": m.name, "version": m.version, "description": m.description,
+               "created": m.created, "gmm": m.gmm, "reference": stored["reference"], "contrasts": m.contrasts}
+    summary["training"] = {k: v for k, v in m.training.items() if k not in ("loss_per_epoch", "data_split")}
+    summary["localization"] = m.localization
+    calibration = m.calibration
     summary["calibration"] = {"volume_aggregate": calibration.get("volume_aggregate"),
                               "n_scans": calibration.get("n_scans"),
                               "region_threshold": calibration.get("voxel_threshold"),
                               "min_region_mm3": calibration.get("min_region_mm3")}
-    if "recalibrations" in m:
-        summary["recalibrations"] = m["recalibrations"]
-    summary["format_version"] = m["format_version"]
+    if m.recalibrations:
+        summary["recalibrations"] = list(m.recalibrations)
+    summary["format_version"] = m.format_version
     print(json.dumps(summary, indent=1))
     return EXIT_OK
 
