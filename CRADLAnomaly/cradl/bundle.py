@@ -241,7 +241,28 @@ def _validated(m: dict, check_network: bool = True) -> dict[str, dict]:
     _string(m.get("version"), "version", longest=100)
     for key in ("description", "created", "cradl_version"):
         _string(m.get(key), key, required=False, longest=20000)
-    reference = _mapping(m, "reference")
+    size = _validated_reference(_mapping(m, "reference"))
+    _validate_normalisation(_mapping(m, "normalisation"))
+    _validate_localization(_mapping(m, "localization"))
+    validate_calibration(_mapping(m, "calibration"), size[2])
+    encoder = _mapping(m, "encoder")
+    width = _integer(encoder.get("width"), "encoder.width", *LIMITS["width"])
+    features = _integer(encoder.get("feature_dim"), "encoder.feature_dim", *LIMITS["feature_dim"])
+    pool = _integer(encoder.get("grid", 1), "encoder.grid", *LIMITS["grid"])
+    for key in ("training", "gmm"):
+        check_loose(_mapping(m, key, required=False), key)
+    for key in ("contrasts", "recalibrations"):
+        if key in m:
+            if not isinstance(m[key], list):
+                raise ValueError(f"{key} must be a list")
+            check_loose(m[key], key)
+
+    specs = _validated_array_specs(m.get("arrays"))
+    _check_network_arrays(specs, width, features, pool, size, check_network)
+    return specs
+
+
+def _validated_reference(reference: dict) -> list[int]:
     grid = reference.get("grid")
     if not isinstance(grid, dict):
         raise ValueError("reference.grid is missing")
@@ -260,8 +281,10 @@ def _validated(m: dict, check_network: bool = True) -> dict[str, dict]:
         _number(v, f"reference.grid.origin[{i}]", -1e4, 1e4)
     _number(reference.get("min_brain_fraction"), "reference.min_brain_fraction", 0.0, 1.0)
     check_loose(reference, "reference")  # e.g. brain_extraction, template: strings, finite numbers
+    return size
 
-    normalisation = _mapping(m, "normalisation")
+
+def _validate_normalisation(normalisation: dict) -> None:
     _string(normalisation.get("method"), "normalisation.method", required=False, longest=100)
     for key in ("low_percentile", "high_percentile"):
         if key in normalisation:
@@ -275,7 +298,8 @@ def _validated(m: dict, check_network: bool = True) -> dict[str, dict]:
             raise ValueError("normalisation.clip must be two increasing numbers")
     check_loose(normalisation, "normalisation")
 
-    localization = _mapping(m, "localization")
+
+def _validate_localization(localization: dict) -> None:
     if localization:  # an empty mapping takes the defaults
         _integer(localization.get("smoothgrad_samples"), "localization.smoothgrad_samples", 1, 64)
         _number(localization.get("noise_std"), "localization.noise_std", 0.0, 10.0)
@@ -287,21 +311,8 @@ def _validated(m: dict, check_network: bool = True) -> dict[str, dict]:
             _integer(localization["seed"], "localization.seed", 0, 2**32 - 1)
     check_loose(localization, "localization")
 
-    validate_calibration(_mapping(m, "calibration"), size[2])
 
-    encoder = _mapping(m, "encoder")
-    width = _integer(encoder.get("width"), "encoder.width", *LIMITS["width"])
-    features = _integer(encoder.get("feature_dim"), "encoder.feature_dim", *LIMITS["feature_dim"])
-    pool = _integer(encoder.get("grid", 1), "encoder.grid", *LIMITS["grid"])
-    for key in ("training", "gmm"):
-        check_loose(_mapping(m, key, required=False), key)
-    for key in ("contrasts", "recalibrations"):
-        if key in m:
-            if not isinstance(m[key], list):
-                raise ValueError(f"{key} must be a list")
-            check_loose(m[key], key)
-
-    specs = m.get("arrays")
+def _validated_array_specs(specs) -> dict[str, dict]:
     if not isinstance(specs, dict) or not 0 < len(specs) <= _MAX_MEMBERS:
         raise ValueError("'arrays' is missing or not a mapping")
     total = 0
@@ -319,7 +330,12 @@ def _validated(m: dict, check_network: bool = True) -> dict[str, dict]:
         total += int(np.prod(shape, dtype=np.float64)) * np.dtype(dtype).itemsize
     if total > _MAX_ARRAY_BYTES:
         raise ValueError(f"its arrays declare {total:,} bytes, more than a model needs ({_MAX_ARRAY_BYTES:,})")
+    return specs
 
+
+def _check_network_arrays(specs: dict, width: int, features: int, pool: int, size: list[int],
+                          check_network: bool) -> None:
+    """The arrays must be exactly those of the network, mixture and templates the manifest describes."""
     listed = {k: v["shape"] for k, v in specs.items() if k.startswith("encoder.")}
     if check_network:  # the network the manifest describes, built without memory, must have exactly these weights
         import torch
@@ -351,7 +367,6 @@ def _validated(m: dict, check_network: bool = True) -> dict[str, dict]:
     known = set(listed) | {f"gmm.{k}" for k in mixture} | {"template", "template_mask"}
     if set(specs) - known:
         raise ValueError(f"unknown array {sorted(set(specs) - known)[0]!r}")
-    return specs
 
 
 def _check_members(archive: zipfile.ZipFile, specs: dict, path: Path) -> None:

@@ -111,10 +111,9 @@ class AnomalyDetector:
     >>> result.volume_percentile, result.regions[:3]
     """
 
-    # Measured on the 2-core CPU (66 slices of a 1 mm brain, forward + backward): 0.76 s in batches of 16
-    # with contiguous weights, 0.59 s in batches of 8 with channels-last weights (heatmaps equal to
-    # 2.3e-3 of their maximum, scores to 1.4e-4). bfloat16 was faster still (0.40 s) but moved heatmaps
-    # by 8 % and scores by 3.6, so it is not used. On a GPU the layout is left as it is (not measured).
+    # Small batches with channels-last weights are the fastest layout on CPU (README, "Speed and memory").
+    # bfloat16 is not used: faster still, but it moves heatmaps and scores by more than noise.
+    # On a GPU the layout is left as it is.
     DEFAULT_BATCH_SIZE = 8
 
     def __init__(self, bundle: ModelBundle, device: str | torch.device = "auto",

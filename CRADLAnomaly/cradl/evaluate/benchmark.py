@@ -311,7 +311,7 @@ def markdown_tables(results: dict) -> str:
                        f"{_fmt(m['target_subset_auroc'])} |")
         out.append("")
     if results.get("targets"):
-        out += ["## Targets of the model (issue 3)", "", "| Target | Measured | Met |", "|---|---|---|"]
+        out += ["## Targets of the model", "", "| Target | Measured | Met |", "|---|---|---|"]
         for t in results["targets"]:
             out.append(f"| {t['target']} | {_fmt(t['value'])} | {'yes' if t['met'] else 'no'} |")
         out.append("")
