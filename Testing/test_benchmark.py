@@ -129,3 +129,15 @@ def test_evaluate_names_the_case_it_cannot_score_and_writes_nothing(tiny_model, 
     err = capsys.readouterr().err
     assert "case case_000 (case_000.nii.gz)" in err and "does not resemble a brain" in err
     assert not report.exists()
+
+
+def test_the_short_simclr_run_builds_the_models_own_encoder(tiny_detector):
+    """The projection-head variant's short run trains an encoder shaped like the model's, pooling grid included
+    (the tiny model keeps a 4 x 4 layout; a global-pooling encoder would compare unlike with like)."""
+    from cradl.evaluate.baselines import fresh_encoder
+
+    encoder, model = fresh_encoder(tiny_detector), tiny_detector.bundle.encoder
+    assert (encoder.width, encoder.feature_dim, encoder.grid) == (model.width, model.feature_dim, model.grid)
+    assert model.grid == 4
+    shapes = {k: tuple(v.shape) for k, v in encoder.state_dict().items()}
+    assert shapes == {k: tuple(v.shape) for k, v in model.state_dict().items()}

@@ -212,6 +212,13 @@ def load_projection_head(base: AnomalyDetector, checkpoint: Path, projection_dim
     return head.eval()
 
 
+def fresh_encoder(base: AnomalyDetector) -> SliceEncoder:
+    """An untrained encoder of the model's own architecture (width, feature size and pooling grid), so a
+    short run compares like with like: an older bundle's recipe may lack the grid its encoder was built with."""
+    model = base.bundle.encoder
+    return SliceEncoder(model.width, model.feature_dim, model.grid)
+
+
 def projection_head_variants(base: AnomalyDetector, cohort: Cohort, checkpoint: Path | None, short_epochs: int = 3,
                              k: int | None = None) -> list[CradlMethod]:
     """CRADL on the projection head's output. Uses the training checkpoint's head when it matches the bundle;
@@ -227,8 +234,8 @@ def projection_head_variants(base: AnomalyDetector, cohort: Cohort, checkpoint: 
         log.info("training a short SimCLR run (%d epochs) for the projection-head variant", short_epochs)
         torch.manual_seed(config.seed)
         short = dataclasses.replace(config, epochs=short_epochs)
-        encoder = SliceEncoder(config.width, config.feature_dim).to(base.device)
-        head = ProjectionHead(config.feature_dim, config.projection_dim).to(base.device)
+        encoder = fresh_encoder(base).to(base.device)
+        head = ProjectionHead(encoder.feature_dim, config.projection_dim).to(base.device)
         t = time.perf_counter()
         train_simclr(encoder, head, cohort.slices(cohort.train), short, base.device, None, cohort.progress)
         encoder.eval(), head.eval()
