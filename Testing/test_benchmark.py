@@ -12,7 +12,8 @@ import pytest
 import SimpleITK as sitk
 
 from cradl.cli import main
-from cradl.evaluate.benchmark import CONFIGS, markdown_tables, run_benchmark
+from cradl.evaluate.benchmark import CONFIGS, run_benchmark
+from cradl.evaluate.report import markdown_tables
 
 
 @pytest.fixture(scope="module")

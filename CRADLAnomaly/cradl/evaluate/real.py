@@ -19,7 +19,8 @@ import SimpleITK as sitk
 
 from .. import calibration as calib
 from .. import realdata
-from .benchmark import evaluate_cases, results_meta
+from .report import results_meta
+from .scoring import evaluate_cases
 from .metrics import CaseScores, bootstrap_ci, curve_metrics, summarise
 
 log = logging.getLogger("cradl.evaluate")
