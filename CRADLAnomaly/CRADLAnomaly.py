@@ -483,8 +483,10 @@ def _userMessage(error):
     errors, with the type for others)."""
     try:
         import CRADLAnomalyLib as lib
-    except Exception:  # noqa: BLE001 - the bridge itself cannot load: still say what failed
-        return f"{type(error).__name__}: {error}"
+    except Exception:  # noqa: BLE001 - the bridge itself cannot load: the core's words (plain Python)
+        from cradl.errors import user_message
+
+        return user_message(error)
     return lib.userMessage(error)
 
 

@@ -90,7 +90,7 @@ def test_rerun_skips_finished_scans_and_redoes_half_written_ones(two_worker_run,
     _, first = two_worker_run
     out = tmp_path / "out"
     shutil.copytree(first, out)
-    a_report = out / "a_normal_report.json"
+    a_report = out / "a_normal_anomaly_report.json"
     mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()}
 
     run = cradl("detect", inputs, "--out-dir", out, "--model", tiny_model, "--workers", 2, "--quiet")
@@ -100,17 +100,17 @@ def test_rerun_skips_finished_scans_and_redoes_half_written_ones(two_worker_run,
     assert all(p.stat().st_mtime_ns == mtimes[p.name] for p in out.iterdir() if p.name.startswith(("a_", "b_")))
 
     # a crash half-way: b's heatmap truncated, a's completion record never written, a temporary left behind
-    heatmap = out / "b_lesion_heatmap.nii.gz"
+    heatmap = out / "b_lesion_anomaly_heatmap.nii.gz"
     heatmap.write_bytes(heatmap.read_bytes()[:1000])
     (out / ".cradl-done" / a_report.name).unlink()
-    (out / ".b_lesion_heatmap-abcd1234.nii.gz").write_bytes(b"partial")
+    (out / ".b_lesion_anomaly_heatmap-abcd1234.nii.gz").write_bytes(b"partial")
     run = cradl("detect", inputs, "--out-dir", out, "--model", tiny_model, "--workers", 2, "--quiet")
     assert run.returncode == 2
     rows = rows_of(out)
     assert [r["status"] for r in rows] == ["ok", "ok", "failed"]
     assert [r["reused"] for r in rows] == ["no", "no", "no"]
     assert sitk.ReadImage(str(heatmap)).GetSize() == sitk.ReadImage(str(inputs / "b_lesion.nii.gz")).GetSize()
-    assert not (out / ".b_lesion_heatmap-abcd1234.nii.gz").exists()
+    assert not (out / ".b_lesion_anomaly_heatmap-abcd1234.nii.gz").exists()
     # and a third run has nothing left to do
     run = cradl("detect", inputs / "a_normal.nii.gz", inputs / "b_lesion.nii.gz", "--out-dir", out,
                 "--model", tiny_model, "--workers", 1, "--quiet")

@@ -540,6 +540,34 @@ def test_file_batch_goes_on_past_a_bad_file_and_stops_on_the_core_cancel(tmp_pat
     assert detector.calls == 2
 
 
+class _FakeFileDetector:
+    """Reads nothing: every file gives the same core-shaped result, with its region label map."""
+
+    def detect(self, path, heatmap=True, progress=None, cancel=None):
+        image = sitk.GetImageFromArray(blobVolume().astype(np.float32))
+        result = fakeResult(image)
+        result.region_labels = sitk.Cast(result.heatmap > result.threshold, sitk.sitkUInt16)
+        return result
+
+
+def test_file_batch_names_its_outputs_as_the_cli_batch_does(tmp_path):
+    """One naming scheme (cradl.outputs) for both batches: same stems (same-named inputs kept apart), same
+    suffixes; every file written, no temporaries."""
+    from cradl.outputs import CLI_KINDS, batch_plan
+
+    inputs = [tmp_path / "in" / "scan.nii.gz", tmp_path / "in" / "scan.nrrd"]
+    out = tmp_path / "out"
+    summary = pipeline.processFiles(_FakeFileDetector(), inputs, str(out), log=lambda m: None)
+    assert [entry["ok"] for entry in summary] == [True, True]
+    for entry, planned in zip(summary, batch_plan(inputs, out, CLI_KINDS, [])):
+        assert {Path(entry["files"][kind]) for kind in ("heatmap", "report")} == {planned["heatmap"],
+                                                                                 planned["report"]}
+        report = json.loads(Path(entry["files"]["report"]).read_text())
+        assert report["files"]["regions"] == Path(entry["files"]["regions"]).name
+    assert sorted(p.name for p in out.iterdir()) == sorted(Path(f).name for e in summary for f in e["files"].values())
+    assert Path(summary[1]["files"]["heatmap"]).name == "scan_nrrd_anomaly_heatmap.nii.gz"
+
+
 def test_user_messages_come_from_the_error_classes():
     from cradl.errors import CradlError, ModelError
 

@@ -149,13 +149,14 @@ def test_batch_mode_carries_on_past_a_bad_scan_and_reports_it(tiny_model, sample
     assert run.returncode == 2
     assert "broken.nii.gz" in run.stderr and "1 scan(s) failed" in run.stderr
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["a.png", "a_heatmap.nii.gz", "a_report.json", "b.png", "b_heatmap.nii.gz", "b_report.json"]
+    assert names == ["a_anomaly_heatmap.nii.gz", "a_anomaly_quicklook.png", "a_anomaly_report.json",
+                     "b_anomaly_heatmap.nii.gz", "b_anomaly_quicklook.png", "b_anomaly_report.json"]
 
 
 def test_batch_outputs_of_same_named_scans_do_not_overwrite_each_other():
     from pathlib import Path
 
-    from cradl.cli import _unique_stems
+    from cradl.outputs import unique_stems as _unique_stems
 
     paths = [Path("site1/scan.nii.gz"), Path("site1/scan.nrrd"), Path("other.mha"), Path("site2/scan.mha"),
              Path("site1/scan_2.nii.gz")]

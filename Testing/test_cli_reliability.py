@@ -108,32 +108,34 @@ def test_out_dir_naming_a_file_is_refused(tmp_path):
 
 def test_batch_names_cannot_collide_with_each_other_or_with_inputs(tmp_path):
     """Items 1 and 3: scan.nii.gz, scan.nrrd and scan_2.nii.gz gave two result sets for three scans; an
-    input named a_heatmap.nii.gz beside a.nii.gz was replaced by a's heatmap."""
-    from cradl.cli import batch_plan, protected_files
+    input named a_anomaly_heatmap.nii.gz beside a.nii.gz was replaced by a's heatmap."""
+    from cradl.outputs import CLI_KINDS, batch_plan, protected_files
 
-    names = ["scan.nii.gz", "scan.nrrd", "scan_2.nii.gz", "a.nii.gz", "a_heatmap.nii.gz", "A_report.json.nii.gz"]
+    names = ["scan.nii.gz", "scan.nrrd", "scan_2.nii.gz", "a.nii.gz", "a_anomaly_heatmap.nii.gz",
+             "A_anomaly_report.json.nii.gz"]
     for name in names:
         (tmp_path / name).write_bytes(b"x")
     paths = [tmp_path / n for n in names]
-    plan = batch_plan(paths, tmp_path, False, protected_files([("input", p) for p in paths]))
+    plan = batch_plan(paths, tmp_path, CLI_KINDS, protected_files([("input", p) for p in paths]))
     outputs = [o.name.lower() for entry in plan for o in entry.values()]
     assert len(outputs) == len(set(outputs)) == 3 * len(names)
     assert not set(outputs) & {n.lower() for n in names}
-    assert plan[0]["report"].name == "scan_report.json" and plan[2]["report"].name == "scan_2_report.json"
+    assert plan[0]["report"].name == "scan_anomaly_report.json"
+    assert plan[2]["report"].name == "scan_2_anomaly_report.json"
 
 
 def test_batch_over_its_own_output_folder_keeps_every_input(tiny_model, sample_case, tmp_path):
-    """Item 1 (batch): `detect o --out-dir o` where o holds a.nii.gz and a_heatmap.nii.gz."""
+    """Item 1 (batch): `detect o --out-dir o` where o holds a.nii.gz and a_anomaly_heatmap.nii.gz."""
     o = tmp_path / "o"
     o.mkdir()
     shutil.copy(sample_case[0], o / "a.nii.gz")
-    shutil.copy(sample_case[2], o / "a_heatmap.nii.gz")
-    before = digest(o / "a_heatmap.nii.gz")
+    shutil.copy(sample_case[2], o / "a_anomaly_heatmap.nii.gz")
+    before = digest(o / "a_anomaly_heatmap.nii.gz")
     run = cradl("detect", o, "--out-dir", o, "--model", tiny_model, "--quiet", "--no-heatmap")
     assert run.returncode == 0, run.stderr
-    assert digest(o / "a_heatmap.nii.gz") == before
+    assert digest(o / "a_anomaly_heatmap.nii.gz") == before
     assert "2 of 2 scans done" in run.stdout
-    reports = sorted(p.name for p in o.glob("*_report.json"))
+    reports = sorted(p.name for p in o.glob("*_anomaly_report.json"))
     assert len(reports) == 2, reports
 
 

@@ -73,7 +73,7 @@ def test_batch_on_a_dicom_series_writes_a_parametric_map_equal_to_the_nifti_heat
                          capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr
     row = next(csv.DictReader((tmp_path / "summary.csv").read_text().splitlines()))
-    assert row["status"] == "ok" and row["pmap"].endswith("series_pmap.dcm")
+    assert row["status"] == "ok" and row["pmap"].endswith("series_anomaly_pmap.dcm")
     report = json.loads(Path(row["report"]).read_text())
     heatmap = sitk.ReadImage(row["heatmap"])
     pmap = pydicom.dcmread(row["pmap"])

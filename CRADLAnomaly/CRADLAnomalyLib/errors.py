@@ -2,7 +2,7 @@
 mapping from any error to the words the panel shows."""
 from __future__ import annotations
 
-from cradl.errors import CradlError  # torch-free: the panel opens before PyTorch is installed
+from cradl.errors import CradlError, user_message  # torch-free: the panel opens before PyTorch is installed
 
 
 class BridgeError(ValueError):
@@ -10,10 +10,9 @@ class BridgeError(ValueError):
 
 
 def userMessage(error: BaseException) -> str:
-    """The core's and the bridge's errors carry a message for the user; others get their type too."""
+    """The core's and the bridge's errors carry a message for the user; others get their type too (the core's
+    mapping, by exception type, with the bridge's own user errors added)."""
     from .dependencies import InstallInProgress
     from .worker import WorkerError
 
-    if isinstance(error, (CradlError, BridgeError, WorkerError, InstallInProgress)):
-        return str(error)
-    return f"{type(error).__name__}: {error}"
+    return user_message(error, (CradlError, BridgeError, WorkerError, InstallInProgress))

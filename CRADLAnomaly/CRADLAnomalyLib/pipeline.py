@@ -11,16 +11,18 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from cradl.errors import DetectionCancelled
+from cradl.errors import DetectionCancelled, scan_failure
 from cradl.io import plain_json
+from cradl.outputs import batch_plan, protected_files, write_outputs
 
 from . import display as D
 from . import nodes as N
 from . import review as R
 from .errors import BridgeError
 from .geometry import imageFromVolumeNode, maskImageFromNode, placeOnInputGrid
-from .saving import safeBaseName, saveFileResults
+from .saving import outputFolder, saveFileResults
 from .segmentation import createSegmentation
 
 
@@ -182,35 +184,46 @@ def saveSceneResults(scene, inputNode, outputDir: str, createSegmentationIfMissi
                            segmentationNode=segmentationNode if hasSegments else None)
 
 
+BATCH_KINDS = ("heatmap", "regions", "report")  # what processFiles writes per input
+
+
 def processFiles(detector, paths, outputDir: str, progress=None, cancel=None, log=None) -> list[dict]:
     """Batch mode without the scene: detect on each file (or DICOM folder) and write heatmap,
-    region label map and report per input into ``outputDir``. A failing input is reported and
-    skipped; the others still run. Returns one entry per input: {input, ok, files | error}."""
+    region label map and report per input into ``outputDir``, named and written by the core as the
+    CLI's batch is (``cradl.outputs``). A failing input is reported and skipped; the others still
+    run; the core's cancel stops the batch. Returns one entry per input: {input, ok, files | error}."""
     log = log or logging.info
     paths = [str(p) for p in paths]
-    used: dict[str, int] = {}
+    inputs = [Path(p) for p in paths]
+    folder = Path(outputFolder(outputDir))
+    plan = batch_plan(inputs, folder, BATCH_KINDS, protected_files([("input", p) for p in inputs]))
     summary = []
-    for n, path in enumerate(paths):
-        base = safeBaseName(path)
-        used[base] = used.get(base, 0) + 1
-        if used[base] > 1:
-            base = f"{base}_{used[base]}"
-
-        def fileProgress(fraction, message="", _n=n):
-            if progress is not None:
-                progress((_n + float(fraction)) / len(paths), f"{os.path.basename(path)}: {message}")
-
+    for n, (path, outputs) in enumerate(zip(paths, plan)):
         try:
-            result = detector.detect(path, heatmap=True, progress=fileProgress, cancel=cancel)
-            report = _report(result)
-            report["input"] = {"path": os.path.abspath(path)}
-            files = saveFileResults(outputDir, base, result.heatmap, report, labelImage=result.region_labels)
-            summary.append({"input": path, "ok": True, "files": files,
-                            "volume_percentile": report.get("volume_percentile")})
-            log(f"CRADL: {path}: {R.percentileWords(report.get('volume_percentile', 0.0))}")
+            entry = _processFile(detector, path, outputs, _batchProgress(progress, n, len(paths), path), cancel)
+            log(f"CRADL: {path}: {R.percentileWords(entry['volume_percentile'] or 0.0)}")
         except DetectionCancelled:  # cancel stops the batch
             raise
         except Exception as error:  # noqa: BLE001 - batch keeps going
-            summary.append({"input": path, "ok": False, "error": str(error)})
-            log(f"CRADL: {path}: FAILED: {error}")
+            entry = {"input": path, "ok": False, "error": scan_failure(error)}
+            log(f"CRADL: {path}: FAILED: {entry['error']}")
+        summary.append(entry)
     return summary
+
+
+def _batchProgress(progress, n: int, total: int, path: str):
+    """The core's progress on input ``n`` as a fraction of the whole batch."""
+    def fileProgress(fraction, message=""):
+        if progress is not None:
+            progress((n + float(fraction)) / total, f"{os.path.basename(path)}: {message}")
+    return fileProgress
+
+
+def _processFile(detector, path: str, outputs: dict, progress, cancel) -> dict:
+    result = detector.detect(path, heatmap=True, progress=progress, cancel=cancel)
+    report = _report(result)
+    report["input"] = {"path": os.path.abspath(path)}
+    report["files"] = {kind: final.name for kind, final in outputs.items() if kind != "report"}
+    written = write_outputs(result, outputs, report=report)
+    return {"input": path, "ok": True, "files": {kind: str(final) for kind, final in written.items()},
+            "volume_percentile": report.get("volume_percentile")}

@@ -1,6 +1,7 @@
-"""Saving results atomically: every file is first written under a temporary name in the target
+"""Saving a scene's results atomically: every file is first written under a temporary name in the target
 folder, and only when all of them are complete are they renamed into place. A failure leaves no
-partial file and no temporary behind; files of an earlier save stay as they were."""
+partial file and no temporary behind; files of an earlier save stay as they were. File names follow the
+core's one naming scheme (``cradl.outputs``), as the batch's do."""
 from __future__ import annotations
 
 import json
@@ -11,13 +12,9 @@ from contextlib import contextmanager
 
 from cradl.errors import CradlError
 from cradl.io import AtomicFiles, atomic_files, plain_json, scan_stem
+from cradl.outputs import output_names
 
 from .errors import BridgeError
-
-HEATMAP_SUFFIX = "_anomaly_heatmap.nii.gz"
-REGIONS_LABEL_SUFFIX = "_anomaly_regions.nii.gz"
-SEGMENTATION_SUFFIX = "_anomaly_regions.seg.nrrd"
-REPORT_SUFFIX = "_anomaly_report.json"
 
 
 def safeBaseName(name: str) -> str:
@@ -27,14 +24,20 @@ def safeBaseName(name: str) -> str:
     return base or "scan"
 
 
-@contextmanager
-def atomicFiles(directory: str):
-    """The core's all-or-nothing file set (cradl.io.AtomicFiles), for an output folder the user chose."""
+def outputFolder(directory: str) -> str:
+    """The output folder the user chose (absolute), made when missing."""
     if not directory:
         raise BridgeError("No output folder given.")
     os.makedirs(directory, exist_ok=True)
     if not os.access(directory, os.W_OK):
         raise BridgeError(f"The output folder {directory} is not writable.")
+    return os.path.abspath(directory)
+
+
+@contextmanager
+def atomicFiles(directory: str):
+    """The core's all-or-nothing file set (cradl.io.AtomicFiles), for an output folder the user chose."""
+    directory = outputFolder(directory)
     with atomic_files() as files:
         yield _FolderFiles(directory, files)
 
@@ -43,7 +46,7 @@ class _FolderFiles:
     """Names files by their final name inside one folder."""
 
     def __init__(self, directory: str, files: AtomicFiles):
-        self.directory, self._files = os.path.abspath(directory), files
+        self.directory, self._files = directory, files
 
     def path(self, finalName: str) -> str:
         return str(self._files.path(os.path.join(self.directory, finalName)))
@@ -83,12 +86,9 @@ def saveFileResults(outputDir: str, baseName: str, heatmapImage, report: dict,
                     labelImage=None, segmentationNode=None) -> dict:
     """Heatmap (NIfTI), regions (label map NIfTI and/or segmentation .seg.nrrd) and JSON report,
     all or nothing. Returns {kind: final path}."""
-    base = safeBaseName(baseName)
-    names = {"heatmap": base + HEATMAP_SUFFIX, "report": base + REPORT_SUFFIX}
-    if labelImage is not None:
-        names["regions"] = base + REGIONS_LABEL_SUFFIX
-    if segmentationNode is not None:
-        names["segmentation"] = base + SEGMENTATION_SUFFIX
+    kinds = ["heatmap", "report"] + (["regions"] if labelImage is not None else []) \
+        + (["segmentation"] if segmentationNode is not None else [])
+    names = output_names(safeBaseName(baseName), kinds)
     with atomicFiles(outputDir) as files:
         temps = {kind: files.path(name) for kind, name in names.items()}
         writeImage(temps["heatmap"], heatmapImage)

@@ -243,7 +243,7 @@ def _main(argv) -> int:
 
     if MODULE_DIR not in sys.path:
         sys.path.insert(0, MODULE_DIR)
-    from cradl.errors import CradlError  # plain Python: what says whether an error is the user's to fix
+    from cradl.errors import user_message  # plain Python: says whether an error is the user's to fix, by its type
 
     try:
         progress(0.0, "Loading the model")
@@ -271,8 +271,8 @@ def _main(argv) -> int:
     except Exception as error:  # noqa: BLE001 - reported to the panel, which shows it
         import traceback
 
-        message = str(error) if isinstance(error, CradlError) else f"{type(error).__name__}: {error}"
-        _writeJsonAtomic(os.path.join(jobdir, ERROR_FILE), {"message": message, "traceback": traceback.format_exc()})
+        _writeJsonAtomic(os.path.join(jobdir, ERROR_FILE),
+                         {"message": user_message(error), "traceback": traceback.format_exc()})
         return 1
 
 

@@ -14,9 +14,10 @@ import threading
 import traceback
 from pathlib import Path
 
-from .errors import CradlError, InputError, OutputError
-from .io import (IMAGE_SUFFIXES, atomic_files, check_output_path, is_image_path, read_image, same_geometry,
-                 scan_stem, stderr_lock, write_image_to, write_json_to, writing)
+from .errors import CradlError, InputError, OutputError, one_line, scan_failure
+from .io import IMAGE_SUFFIXES, check_output_path, is_image_path, read_image, stderr_lock, writing
+from .outputs import (CLI_KINDS, SCORES_ONLY, SUFFIXES, batch_plan, model_path, output_names, protected_files,
+                      refuse_clashes, write_outputs)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 EXIT_TERMINATED = 128 + signal.SIGTERM
@@ -47,7 +48,7 @@ def main(argv=None) -> int:
     try:
         return args.run(args) or EXIT_OK
     except CradlError as exc:
-        print(f"cradl: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"cradl: error: {one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("cradl: interrupted; no partial output was kept", file=sys.stderr)
@@ -62,17 +63,12 @@ def main(argv=None) -> int:
     except Exception as exc:  # a bug, not a user error: say so in one line unless debugging
         if os.environ.get("CRADL_DEBUG"):
             traceback.print_exc()
-        print(f"cradl: internal error: {type(exc).__name__}: {_one_line(exc)} (set CRADL_DEBUG=1 for details)",
+        print(f"cradl: internal error: {type(exc).__name__}: {one_line(exc)} (set CRADL_DEBUG=1 for details)",
               file=sys.stderr)
         return EXIT_FAILED
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text if len(text) <= 600 else text[:300] + "..." + text[-297:]  # long paths: keep the reason
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,7 +101,8 @@ def _add_detect(sub):
     p.add_argument("--png", help="three-plane quick-look PNG; single input only")
     p.add_argument("--seg", help="regions as a DICOM Segmentation (.dcm); a DICOM series input only")
     p.add_argument("--pmap", help="heatmap as a DICOM Parametric Map (.dcm); a DICOM series input only")
-    p.add_argument("--out-dir", help="batch mode: write NAME_heatmap.nii.gz, NAME_report.json, NAME.png here")
+    p.add_argument("--out-dir", help="batch mode: write " + ", ".join(output_names("NAME", CLI_KINDS).values())
+                   + " here")
     p.add_argument("--model", help="model bundle (.cradl); default: the bundled model")
     p.add_argument("--mask", help="brain mask for the input (instead of the template's)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -140,120 +137,95 @@ def _is_dicom_folder(folder: Path) -> bool:
 
 
 def run_detect(args) -> int:
-    from .detector import AnomalyDetector
-
     paths = expand_inputs(args.inputs)
     first = Path(args.inputs[0])
     batch = args.out_dir is not None or len(paths) > 1 or (first.is_dir() and not _is_dicom_folder(first))
-    if batch and (args.heatmap or args.report or args.png):
-        raise CradlError("with several inputs use --out-dir instead of --heatmap/--report/--png")
-    if not batch and not (args.heatmap or args.report or args.png or args.seg or args.pmap):
-        raise CradlError("say where to write results: --heatmap, --report, --png or --out-dir")
-    if args.no_heatmap and (args.heatmap or args.png):
-        raise CradlError("--no-heatmap computes scores only; drop --heatmap/--png")
+    on_dask = args.workers is not None or bool(args.scheduler)
+    _check_detect_options(args, batch, on_dask, first)
     protected = protected_files([("input", p) for p in paths] + ([("--mask", Path(args.mask))] if args.mask else [])
                                 + [("--model", model_path(args.model))])
-    dicom_outputs = [(flag, Path(value)) for flag, value in (("--seg", args.seg), ("--pmap", args.pmap)) if value]
-    if dicom_outputs:
-        if batch:
-            raise CradlError("--seg/--pmap are for one input; in batch mode with --workers or --scheduler a DICOM "
-                             "series input gets NAME_seg.dcm and NAME_pmap.dcm in --out-dir")
-        if not (first.is_dir() and _is_dicom_folder(first)):
-            raise CradlError("--seg and --pmap need a DICOM series input (a folder holding one series)")
-        if args.no_heatmap:
-            raise CradlError("--no-heatmap computes scores only; drop --seg/--pmap")
     if not batch:
-        outputs = [(flag, Path(value)) for flag, value in
-                   (("--heatmap", args.heatmap), ("--report", args.report), ("--png", args.png)) if value]
-        outputs += dicom_outputs
-        for _, out in outputs:
-            check_output_path(out)
-        refuse_clashes(outputs, protected)
-        plan = None
-    else:
-        out_dir = Path(args.out_dir or ".")
-        if out_dir.exists() and not out_dir.is_dir():
-            raise OutputError(f"--out-dir {out_dir} is a file, not a folder")
-        with writing(out_dir):
-            out_dir.mkdir(parents=True, exist_ok=True)
-        check_output_path(out_dir / "x")
-        plan = batch_plan(paths, out_dir, args.no_heatmap, protected)
-    if args.workers is not None or args.scheduler:
-        if not batch:
-            raise CradlError("--workers and --scheduler run batch mode: use --out-dir instead of "
-                             "--heatmap/--report/--png")
+        return _detect_single(args, paths[0], protected)
+    out_dir = _batch_folder(args.out_dir)
+    plan = batch_plan(paths, out_dir, SCORES_ONLY if args.no_heatmap else CLI_KINDS, protected,
+                      dicom=on_dask and not args.no_heatmap)
+    if on_dask:
         from .batch import run_dask_batch
 
         return run_dask_batch(paths, plan, out_dir, model=args.model, device=args.device, mask=args.mask,
                               no_heatmap=args.no_heatmap, scheduler=args.scheduler, workers=args.workers,
                               quiet=args.quiet)
-    mask = read_image(args.mask, what="brain mask") if args.mask else None
-    detector = AnomalyDetector.load(args.model, device=args.device)
-    if not batch:
-        image = read_image(paths[0])
-        result = _detect_one(detector, paths[0], image, mask, args, progress=not args.quiet)
-        if dicom_outputs:  # built before anything is written: a series that does not map refuses early
-            from .dicom_out import build_dicom_results, save_dicom_results
-
-            dicom = build_dicom_results(paths[0], result, detector.model_summary(), args.seg, args.pmap)
-        write_outputs(result, image, args.heatmap, args.report, args.png)
-        if dicom_outputs:
-            written = save_dicom_results(dicom)
-            if args.seg and written["seg"] is None:
-                print(f"no region above the threshold: no DICOM Segmentation written to {args.seg}")
-        _print_summary(paths[0], result)
-        return EXIT_OK
+    detector, mask = _detector_and_mask(args)
     return _run_batch(detector, paths, mask, args, out_dir, plan)
 
 
-def model_path(model) -> Path:
-    """The model file `--model` names, else the bundled default (to protect it from being overwritten)."""
-    from .bundle import DEFAULT_MODEL
-
-    return Path(model) if model else DEFAULT_MODEL
-
-
-def protected_files(named: list[tuple[str, Path]]) -> list[tuple[str, Path]]:
-    """Files no output may replace: inputs (with the members of DICOM folders and detached data files), mask, model."""
-    files = []
-    for label, path in named:
-        files.append((label, path))
-        if path.is_dir():
-            try:
-                files += [(label, member) for member in path.iterdir()]
-            except OSError:
-                pass
-        elif path.name.lower().endswith((".mhd", ".nhdr")):
-            try:
-                from .io import inspect_image_file
-
-                data = inspect_image_file(path).data_file
-                if data is not None:
-                    files.append((label, data))
-            except CradlError:
-                pass
-    return files
+def _check_detect_options(args, batch: bool, on_dask: bool, first: Path) -> None:
+    """Refuse, before any work, options that do not go together."""
+    single_outputs = args.heatmap or args.report or args.png
+    if batch and single_outputs:
+        raise CradlError("with several inputs use --out-dir instead of --heatmap/--report/--png")
+    if not batch and not (single_outputs or args.seg or args.pmap):
+        raise CradlError("say where to write results: --heatmap, --report, --png or --out-dir")
+    if args.no_heatmap and (args.heatmap or args.png):
+        raise CradlError("--no-heatmap computes scores only; drop --heatmap/--png")
+    if args.seg or args.pmap:
+        _check_dicom_options(args, batch, first)
+    if on_dask and not batch:
+        raise CradlError("--workers and --scheduler run batch mode: use --out-dir instead of "
+                         "--heatmap/--report/--png")
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    """The same file however spelled: one real path (links, '..', '.'), or one inode (hard links)."""
-    if os.path.realpath(a) == os.path.realpath(b):
-        return True
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
+def _check_dicom_options(args, batch: bool, first: Path) -> None:
+    if batch:
+        raise CradlError(f"--seg/--pmap are for one input; in batch mode with --workers or --scheduler a DICOM "
+                         f"series input gets NAME{SUFFIXES['seg']} and NAME{SUFFIXES['pmap']} in --out-dir")
+    if not (first.is_dir() and _is_dicom_folder(first)):
+        raise CradlError("--seg and --pmap need a DICOM series input (a folder holding one series)")
+    if args.no_heatmap:
+        raise CradlError("--no-heatmap computes scores only; drop --seg/--pmap")
 
 
-def refuse_clashes(outputs: list[tuple[str, Path]], protected: list[tuple[str, Path]]) -> None:
-    """An output may neither replace a protected file (an input, the mask, the model) nor another output."""
-    for i, (label, out) in enumerate(outputs):
-        for what, path in protected:
-            if _same_file(out, path):
-                raise OutputError(f"{label} {out} is the {what} {path}; it would be overwritten: choose another name")
-        for other, earlier in outputs[:i]:
-            if _same_file(out, earlier):
-                raise OutputError(f"{other} and {label} name the same file {out}; give each output its own name")
+def _detector_and_mask(args):
+    from .detector import AnomalyDetector
+
+    mask = read_image(args.mask, what="brain mask") if args.mask else None
+    return AnomalyDetector.load(args.model, device=args.device), mask
+
+
+def _detect_single(args, path: Path, protected) -> int:
+    """One scan to the files named by --heatmap, --report, --png, --seg and --pmap."""
+    dicom_outputs = [(flag, Path(value)) for flag, value in (("--seg", args.seg), ("--pmap", args.pmap)) if value]
+    outputs = [(flag, Path(value)) for flag, value in
+               (("--heatmap", args.heatmap), ("--report", args.report), ("--png", args.png)) if value]
+    outputs += dicom_outputs
+    for _, out in outputs:
+        check_output_path(out)
+    refuse_clashes(outputs, protected)
+    detector, mask = _detector_and_mask(args)
+    image = read_image(path)
+    result = _detect_one(detector, path, image, mask, args, progress=not args.quiet)
+    if dicom_outputs:  # built before anything is written: a series that does not map refuses early
+        from .dicom_out import build_dicom_results, save_dicom_results
+
+        dicom = build_dicom_results(path, result, detector.model_summary(), args.seg, args.pmap)
+    write_outputs(result, {"heatmap": args.heatmap, "report": args.report, "png": args.png}, image)
+    if dicom_outputs:
+        written = save_dicom_results(dicom)
+        if args.seg and written["seg"] is None:
+            print(f"no region above the threshold: no DICOM Segmentation written to {args.seg}")
+    _print_summary(path, result)
+    return EXIT_OK
+
+
+def _batch_folder(out_dir) -> Path:
+    """The --out-dir folder, made when missing; refused when it is a file or cannot be written."""
+    out_dir = Path(out_dir or ".")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(f"--out-dir {out_dir} is a file, not a folder")
+    with writing(out_dir):
+        out_dir.mkdir(parents=True, exist_ok=True)
+    check_output_path(out_dir / "x")
+    return out_dir
 
 
 def _detect_one(detector, path, image, mask, args, progress: bool):
@@ -274,39 +246,6 @@ def _detect_one(detector, path, image, mask, args, progress: bool):
     return result
 
 
-def write_outputs(result, image, heatmap_path, report_path, png_path) -> None:
-    """Write what was asked for, all or nothing: the one writer of detection outputs, for the single-scan,
-    threaded batch and Dask batch modes."""
-    from .quicklook import write_quicklook
-
-    if (heatmap_path or png_path) and not same_geometry(result.heatmap, image):
-        raise RuntimeError("the heatmap's grid differs from the scan's; nothing was written")
-    with atomic_files() as files:
-        if heatmap_path:
-            write_image_to(result.heatmap, files.path(heatmap_path), heatmap_path)
-        if png_path:
-            top = result.regions[0].centre_ras if result.regions else None
-            tmp = files.path(png_path)
-            with writing(png_path):
-                write_quicklook(image, result.heatmap, tmp, top, result.threshold,
-                                title=f"percentile {result.volume_percentile:.0f}")
-            _verify_png(tmp, png_path)
-        if report_path:
-            write_json_to(result.to_report(), files.path(report_path), report_path)
-        files.commit()
-
-
-def _verify_png(written: Path, final) -> None:
-    from PIL import Image
-
-    try:
-        with Image.open(written) as picture:
-            picture.load()
-    except (OSError, SyntaxError, ValueError):
-        raise OutputError(f"writing {final} failed: the file on disk is incomplete (disk full or over the file "
-                          "size limit?)") from None
-
-
 def _print_summary(path: Path, result) -> None:
     print(f"{path.name}: volume score {result.volume_score:.2f}, percentile {result.volume_percentile:.1f} "
           f"against normal scans ({result.interpretation})")
@@ -318,57 +257,6 @@ def _print_summary(path: Path, result) -> None:
               f"{region.volume_mm3:.0f} mm3, peak {region.peak:.2f}")
     if result.heatmap is not None and not result.regions:
         print("  no region above the calibrated threshold")
-
-
-def _unique_stems(paths: list[Path]) -> list[str]:
-    """Output names per input that cannot collide: a repeated name takes its format (scan.nrrd -> scan_nrrd),
-    then its folder (site2/scan.mha -> site2_scan), then a number; a name taken this way is never another
-    input's own name (scan_2.nii.gz keeps "scan_2")."""
-    own = {scan_stem(p).lower() for p in paths}
-    used: set[str] = set()
-    stems = []
-    for path in paths:
-        stem = scan_stem(path)
-        fmt = path.name[len(stem):].lstrip(".").replace(".", "_") or "dir"
-        candidates = [stem, f"{stem}_{fmt}", f"{path.parent.name}_{stem}" if path.parent.name else stem]
-        choice = next((c for i, c in enumerate(candidates) if c.lower() not in used
-                       and (i == 0 or c.lower() not in own)), None)
-        k = 2
-        while choice is None:
-            c = f"{stem}_{k}"
-            if c.lower() not in used and c.lower() not in own:
-                choice = c
-            k += 1
-        used.add(choice.lower())
-        stems.append(choice)
-    return stems
-
-
-_BATCH_SUFFIXES = {"heatmap": "_heatmap.nii.gz", "report": "_report.json", "png": ".png"}
-
-
-def batch_plan(paths: list[Path], out_dir: Path, no_heatmap: bool, protected) -> list[dict[str, Path]]:
-    """Every scan's output paths: distinct from each other and from every input, the mask and the model,
-    and short enough for the file system."""
-    from .io import name_max
-
-    limit = name_max(out_dir) - max(len(s.encode()) for s in _BATCH_SUFFIXES.values())
-    kinds = ["report"] if no_heatmap else ["heatmap", "report", "png"]
-    used: set[str] = set()
-    plan = []
-    for stem in _unique_stems(paths):
-        stem = stem.encode()[:limit].decode("utf-8", "ignore")
-        candidate, k = stem, 1
-        while True:
-            outputs = {kind: out_dir / f"{candidate}{_BATCH_SUFFIXES[kind]}" for kind in kinds}
-            if not any(o.name.lower() in used for o in outputs.values()) and not any(
-                    _same_file(o, p) for o in outputs.values() for _, p in protected):
-                break
-            k += 1
-            candidate = f"{stem.encode()[:limit - 8].decode('utf-8', 'ignore')}_out{k}"
-        used.update(o.name.lower() for o in outputs.values())
-        plan.append(outputs)
-    return plan
 
 
 def _say_error(message: str) -> None:
@@ -397,17 +285,13 @@ def _run_batch(detector, paths, mask, args, out_dir: Path, plan) -> int:
                 if error is not None:
                     raise error
                 result = _detect_one(detector, path, image, mask, args, progress=False)
-                out = plan[i]
-                write_outputs(result, image, out.get("heatmap"), out["report"], out.get("png"))
+                write_outputs(result, plan[i], image)
                 if not args.quiet:
                     tqdm.write(f"{path.name}: percentile {result.volume_percentile:.1f}, "
-                               f"{len(result.regions)} region(s) -> {out['report'].name}")
-            except CradlError as exc:
-                failures.append((path, _one_line(exc)))
-                _say_error(f"{path.name}: FAILED: {_one_line(exc)}")
+                               f"{len(result.regions)} region(s) -> {plan[i]['report'].name}")
             except Exception as exc:  # noqa: BLE001 - a bug on one scan must not cost the others
-                failures.append((path, f"internal error: {type(exc).__name__}: {_one_line(exc)}"))
-                _say_error(f"{path.name}: FAILED: internal error: {type(exc).__name__}: {_one_line(exc)}")
+                failures.append((path, scan_failure(exc)))
+                _say_error(f"{path.name}: FAILED: {failures[-1][1]}")
     print(f"{len(paths) - len(failures)} of {len(paths)} scans done; results in {out_dir}")
     if failures:
         with stderr_lock():

@@ -25,6 +25,8 @@ FOLDERS = {"in-process batch (today)": "inprocess", "Dask, 1 worker": "dask1", "
 
 
 def _run_mode(scans: list[Path], out: Path, extra: list[str], model: str | None) -> dict:
+    from ..outputs import SUFFIXES
+
     if out.exists():
         shutil.rmtree(out)
     command = [sys.executable, "-m", "cradl", "detect", *map(str, scans), "--out-dir", str(out), "--quiet", *extra]
@@ -35,7 +37,7 @@ def _run_mode(scans: list[Path], out: Path, extra: list[str], model: str | None)
     run = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
     wall = time.perf_counter() - started
     child_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    reports = sorted(out.glob("*_report.json"))
+    reports = sorted(out.glob("*" + SUFFIXES["report"]))
     scores = {p.name: json.loads(p.read_text())["volume_score"] for p in reports}
     result = {"wall_s": round(wall, 1), "scans": len(scans), "done": len(reports), "exit_status": run.returncode,
               "scans_per_minute": round(60 * len(reports) / wall, 2), "scores": scores}
@@ -63,7 +65,7 @@ def resume_check(scans: list[Path], out: Path, model: str | None, workers: int =
 
     import psutil
 
-    from ..cli import batch_plan
+    from ..outputs import CLI_KINDS, batch_plan
     from .runner import DONE_FOLDER, make_tasks, read_valid_record
 
     if out.exists():
@@ -95,7 +97,7 @@ def resume_check(scans: list[Path], out: Path, model: str | None, workers: int =
     started = time.perf_counter()
     rerun = subprocess.run(command, capture_output=True, text=True)
     rows = json.loads((out / "summary.json").read_text())["rows"]
-    plan = batch_plan(scans, out, False, [])
+    plan = batch_plan(scans, out, CLI_KINDS, [], dicom=True)
     tasks = make_tasks(scans, plan, model, "auto", None, False, None)
     valid = sum(read_valid_record(t) is not None for t in tasks)
     return {**events, "scans": len(scans), "finished_before_rerun": len(done_before),
@@ -162,7 +164,7 @@ def main(argv=None) -> int:
               f"peak RSS per worker {results[name]['peak_rss_mib_per_worker']} MiB", flush=True)
     overhead = scheduler_overhead()
     base = next(iter(results.values()))["scores"]
-    for name, r in results.items():
+    for r in results.values():
         common = set(base) & set(r["scores"])
         r["max_score_difference_vs_first_mode"] = max((abs(base[k] - r["scores"][k]) for k in common), default=None)
     two = results.get("Dask, 2 workers")

@@ -25,7 +25,7 @@ import time
 import uuid
 from pathlib import Path
 
-from ..errors import CradlError, InputError
+from ..errors import CradlError, InputError, one_line, scan_failure, user_message
 
 DONE_FOLDER = ".cradl-done"
 RECORD_VERSION = 1
@@ -103,11 +103,6 @@ def _peak_rss_mib() -> float:
     return round(peak / 1024 if sys.platform != "darwin" else peak / 2 ** 20, 1)
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text if len(text) <= 400 else text[:397] + "..."
-
-
 def empty_row(task: dict) -> dict:
     return {"index": task["index"], "input": task["input"], "name": Path(task["input"]).name, "status": "",
             "reused": False}
@@ -117,8 +112,8 @@ def detect_scan(task: dict) -> dict:
     """Detect one scan and write its outputs; returns its summary row (never raises for a bad scan)."""
     import torch
 
-    from ..cli import write_outputs
     from ..io import read_image
+    from ..outputs import DICOM_KINDS, write_outputs
 
     started = time.perf_counter()
     row = empty_row(task)
@@ -141,8 +136,7 @@ def detect_scan(task: dict) -> dict:
             dicom = build_dicom_results(Path(task["input"]), result, detector.model_summary(), out.get("seg"),
                                         out.get("pmap"))
         _clear_leftovers(out.values())
-        write_outputs(result, image, out.get("heatmap"), out["report"], out.get("png"))
-        written = {kind: Path(out[kind]) for kind in ("heatmap", "report", "png") if kind in out}
+        written = write_outputs(result, {kind: path for kind, path in out.items() if kind not in DICOM_KINDS}, image)
         if dicom is not None:
             written.update(save_dicom_results(dicom))
         t_write = time.perf_counter() - t
@@ -155,10 +149,8 @@ def detect_scan(task: dict) -> dict:
         row["t_total_s"] = round(time.perf_counter() - started, 3)
         _finish_row(row)
         _write_record(task, written, row)
-    except CradlError as exc:
-        row.update(status="failed", error=_one_line(exc))
     except Exception as exc:  # noqa: BLE001 - a bug on one scan must not cost the others
-        row.update(status="failed", error=f"internal error: {type(exc).__name__}: {_one_line(exc)}")
+        row.update(status="failed", error=scan_failure(exc))
     if row["status"] == "failed":
         row["t_total_s"] = round(time.perf_counter() - started, 3)
         _finish_row(row)
@@ -212,15 +204,6 @@ def _write_record(task: dict, written: dict, row: dict) -> None:
 
 # ---------------------------------------------------------------------------- the client
 
-def dicom_outputs(path: Path, outputs: dict, no_heatmap: bool) -> dict:
-    """A DICOM series input also gets its regions as a DICOM Segmentation and its heatmap as a Parametric Map."""
-    if no_heatmap or not path.is_dir():
-        return outputs
-    report = Path(outputs["report"])
-    stem = report.name[: -len("_report.json")]
-    return {**outputs, "seg": report.with_name(f"{stem}_seg.dcm"), "pmap": report.with_name(f"{stem}_pmap.dcm")}
-
-
 def make_tasks(paths: list[Path], plan: list[dict], model: str | None, device: str, mask: str | None,
                no_heatmap: bool, threads: int | None) -> list[dict]:
     from ..bundle import DEFAULT_MODEL
@@ -233,7 +216,6 @@ def make_tasks(paths: list[Path], plan: list[dict], model: str | None, device: s
     options = {"no_heatmap": bool(no_heatmap), "mask": input_signature(Path(mask)) if mask else None}
     tasks = []
     for i, (path, outputs) in enumerate(zip(paths, plan)):
-        outputs = dicom_outputs(Path(path), outputs, no_heatmap)
         tasks.append({"index": i, "input": str(path), "input_signature": input_signature(Path(path)),
                       "outputs": {k: str(v) for k, v in outputs.items()},
                       "model": str(model_file.resolve()), "model_sha256": model_sha, "device": device,
@@ -251,7 +233,7 @@ def _connect(scheduler: str | None, workers: int | None):
         try:
             return Client(scheduler, timeout="5s"), None
         except (OSError, TimeoutError, ValueError) as exc:
-            raise InputError(f"cannot reach the Dask scheduler at {scheduler}: {_one_line(exc)}") from None
+            raise InputError(f"cannot reach the Dask scheduler at {scheduler}: {one_line(exc)}") from None
     cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
                            host="127.0.0.1", silence_logs=logging.ERROR)
     return Client(cluster), cluster
@@ -280,7 +262,6 @@ def run_dask_batch(paths: list[Path], plan: list[dict], out_dir: Path, *, model:
     load_bundle(model)  # likewise a missing, damaged or foreign model
     threads = max(1, (os.cpu_count() or 1) // workers) if workers else None
     tasks = make_tasks(paths, plan, model, device, mask, no_heatmap, threads)
-    _refuse_dicom_clashes(tasks, paths, mask, model)
     rows: list[dict | None] = [None] * len(tasks)
     todo = []
     for task in tasks:
@@ -306,8 +287,7 @@ def run_dask_batch(paths: list[Path], plan: list[dict], out_dir: Path, *, model:
                 try:
                     row = future.result()
                 except Exception as exc:  # noqa: BLE001 - e.g. KilledWorker: the scan kept killing its worker
-                    row = {**empty_row(task), "status": "failed",
-                           "error": f"{type(exc).__name__}: {_one_line(exc)}"}
+                    row = {**empty_row(task), "status": "failed", "error": one_line(user_message(exc))}
                 rows[task["index"]] = row
                 if row["status"] != "ok":
                     failed += 1
@@ -335,12 +315,3 @@ def run_dask_batch(paths: list[Path], plan: list[dict], out_dir: Path, *, model:
         return 2
     return 0
 
-
-def _refuse_dicom_clashes(tasks, paths, mask, model) -> None:
-    from ..cli import model_path, protected_files, refuse_clashes
-
-    protected = protected_files([("input", Path(p)) for p in paths] + ([("--mask", Path(mask))] if mask else [])
-                                + [("--model", model_path(model))])
-    extra = [(kind, Path(t["outputs"][kind])) for t in tasks for kind in ("seg", "pmap") if kind in t["outputs"]]
-    if extra:
-        refuse_clashes(extra, protected)
