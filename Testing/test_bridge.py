@@ -83,6 +83,14 @@ def fakeResult(inputImage, threshold=0.5, peakScale=2.0, seed=0):
                            region_labels=None, volume_score=42.0, volume_percentile=97.5, to_report=to_report)
 
 
+def volumeWithResult(scene, ijkToRas=None, name="T1", opacity=None, **result):
+    """A blob volume in the scene with a fake detection applied to it: (node, its image, the SceneResult)."""
+    node = addVolume(scene, blobVolume(), ijkToRas, name=name)
+    image = geometry.imageFromVolumeNode(node)
+    options = {} if opacity is None else {"opacity": opacity}
+    return node, image, pipeline.applyResult(scene, node, fakeResult(image, **result), image, **options)
+
+
 def _nodeIds(scene):
     """Node IDs, without the subject hierarchy singleton (the application always has one)."""
     ids = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
@@ -230,9 +238,7 @@ def test_heat_color_table_is_transparent_low_and_ordered(rs):
 # ------------------------------------------------------------------------------------------ display
 def test_heatmap_node_geometry_display_and_views(rs):
     scene = rs.scene
-    node = addVolume(scene, blobVolume(), obliqueFlippedIjkToRas())
-    image = geometry.imageFromVolumeNode(node)
-    res = pipeline.applyResult(scene, node, fakeResult(image, threshold=0.5), image, opacity=0.7)
+    node, image, res = volumeWithResult(scene, obliqueFlippedIjkToRas(), threshold=0.5, opacity=0.7)
     heat = res.heatmapNode
     assert heat.GetImageData().GetDimensions() == node.GetImageData().GetDimensions()
     assert np.allclose(geometry.ijkToRasArray(heat), geometry.ijkToRasArray(node))
@@ -281,9 +287,7 @@ def test_input_volume_is_never_modified(rs):
 # ------------------------------------------------------------------------------------------ review
 def test_slice_score_plot_and_region_table(rs):
     scene = rs.scene
-    node = addVolume(scene, blobVolume())
-    image = geometry.imageFromVolumeNode(node)
-    res = pipeline.applyResult(scene, node, fakeResult(image), image)
+    node, image, res = volumeWithResult(scene)
     table = res.sliceTableNode
     assert list(review.tableColumn(table, "Slice")) == list(range(6))
     assert np.allclose(review.tableColumn(table, "Score"), 10.0 + np.arange(6))
@@ -322,9 +326,7 @@ def test_region_table_rows_are_regions_and_its_header_is_not_a_row(rs):
     """Slicer's table view shows a table node's column names as row 0 unless the node says they
     are the header: then selecting row i would jump to region i + 1."""
     scene = rs.scene
-    node = addVolume(scene, blobVolume())
-    image = geometry.imageFromVolumeNode(node)
-    res = pipeline.applyResult(scene, node, fakeResult(image), image)
+    node, image, res = volumeWithResult(scene)
     for table in (res.regionTableNode, res.sliceTableNode):
         assert table.GetUseColumnTitleAsColumnHeader()
     assert res.regionTableNode.GetNumberOfRows() == len(res.report["regions"]) == 2
@@ -335,9 +337,7 @@ def test_slice_plot_normal_limit_line_is_two_sd_above_normal_scans(rs):
     """The dashed line needs nothing the core does not write: z-scores are in SD above normal
     scans at the same slice position, and the line sits at 2 SD."""
     scene = rs.scene
-    node = addVolume(scene, blobVolume())
-    image = geometry.imageFromVolumeNode(node)
-    res = pipeline.applyResult(scene, node, fakeResult(image), image)
+    node, image, res = volumeWithResult(scene)
     line = res.chartNode.GetNthPlotSeriesNode(1)
     assert line is nodes.findResultNode(scene, node, nodes.SLICE_THRESHOLD_SERIES)
     assert line.GetYColumnName() == review.NORMAL_LIMIT_COLUMN
@@ -417,9 +417,7 @@ def test_detections_do_not_leak_references_to_nodes(rs):
 
 def test_cradl_results_are_not_inputs(rs):
     scene = rs.scene
-    node = addVolume(scene, blobVolume())
-    image = geometry.imageFromVolumeNode(node)
-    res = pipeline.applyResult(scene, node, fakeResult(image), image)
+    node, image, res = volumeWithResult(scene)
     assert nodes.resultNodeIDs(scene, "vtkMRMLScalarVolumeNode") == [res.heatmapNode.GetID()]
     assert not nodes.isResultNode(node)
     with pytest.raises(BridgeError, match="CRADL result"):
@@ -589,9 +587,7 @@ def test_user_messages_come_from_the_error_classes():
 # ------------------------------------------------------------------------------------------ segmentation
 def test_segmentation_from_thresholded_heatmap(rs):
     scene = rs.scene
-    node = addVolume(scene, blobVolume(), obliqueFlippedIjkToRas())
-    image = geometry.imageFromVolumeNode(node)
-    res = pipeline.applyResult(scene, node, fakeResult(image, threshold=0.5), image)
+    node, image, res = volumeWithResult(scene, obliqueFlippedIjkToRas(), threshold=0.5)
     heat = slicer.util.arrayFromVolume(res.heatmapNode)
     labels, peaks = lib.rankedRegionLabels(heat, 0.5)
     assert len(peaks) == 2 and peaks[0] > peaks[1]
@@ -616,9 +612,7 @@ def test_segmentation_from_thresholded_heatmap(rs):
 # ------------------------------------------------------------------------------------------ saving
 def test_save_results_complete_and_atomic(rs, tmp_path, monkeypatch):
     scene = rs.scene
-    node = addVolume(scene, blobVolume(), obliqueFlippedIjkToRas(), name="Patient 7 T1")
-    image = geometry.imageFromVolumeNode(node)
-    res = pipeline.applyResult(scene, node, fakeResult(image, threshold=0.5), image)
+    node, image, res = volumeWithResult(scene, obliqueFlippedIjkToRas(), name="Patient 7 T1", threshold=0.5)
     out = tmp_path / "out"
     paths = pipeline.saveSceneResults(scene, node, str(out))
     assert set(paths) == {"heatmap", "segmentation", "report"}

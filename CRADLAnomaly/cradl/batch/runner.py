@@ -206,9 +206,9 @@ def _write_record(task: dict, written: dict, row: dict) -> None:
 
 def make_tasks(paths: list[Path], plan: list[dict], model: str | None, device: str, mask: str | None,
                no_heatmap: bool, threads: int | None) -> list[dict]:
-    from ..bundle import DEFAULT_MODEL
+    from ..outputs import model_path
 
-    model_file = Path(model) if model else DEFAULT_MODEL
+    model_file = model_path(model)
     try:
         model_sha = _sha256(model_file)
     except OSError as exc:

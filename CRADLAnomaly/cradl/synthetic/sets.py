@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from ..io import atomic_path, write_image, write_json
+from ..io import atomic_path, scan_stem, write_image, write_json
 from .lesions import ANOMALY_TYPES, insert_anomaly
 from .scans import CONTRASTS, make_normal_scan
 
@@ -85,8 +85,8 @@ def _normal_scans(normal_dir: Path) -> list[dict]:
                  "contrast": rec.get("contrast")} for rec in data["scans"]]
     scans = []
     for path in sorted(normal_dir.glob("*.nii.gz")):
-        stem = path.name[:-len(".nii.gz")]
-        scans.append({"image": path, "labels": normal_dir / "labels" / f"{stem}_labels.nii.gz", "contrast": None})
+        labels = normal_dir / "labels" / f"{scan_stem(path)}_labels.nii.gz"
+        scans.append({"image": path, "labels": labels, "contrast": None})
     return scans
 
 
