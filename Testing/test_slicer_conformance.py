@@ -78,56 +78,72 @@ def _classMembers(table: dict, name: str, seen=None) -> set:
 
 def problems(chains) -> list:
     """The names in ``chains`` that no supported Slicer offers (empty when all are known)."""
+    checks = {"qt": _qtProblem, "ctk": _ctkProblem, "SampleData": _sampleDataProblem, "slicer": _slicerProblem}
     bad = []
     for chain in sorted(chains):
-        root, rest = chain[0], list(chain[1:])
-        dotted = ".".join(chain)
-        if not rest:
-            continue
-        if root == "qt":
-            if rest[0] not in NAMES["qt"]:
-                bad.append(f"{dotted}: PythonQt has no qt.{rest[0]}")
-            elif len(rest) > 1:
-                members = _classMembers(NAMES, rest[0])
-                if rest[1] not in members and QOBJECT not in members:
-                    bad.append(f"{dotted}: qt.{rest[0]} has no {rest[1]}")
-        elif root == "ctk":
-            if rest[0] not in NAMES["ctk"]:
-                bad.append(f"{dotted}: CTK has no {rest[0]}")
-        elif root == "SampleData":
-            if rest[0] not in NAMES["SampleData"]:
-                bad.append(f"{dotted}: the SampleData module has no {rest[0]}")
-        elif root == "slicer":
-            head = rest[0]
-            if head == "util":
-                if len(rest) > 1 and rest[1] not in NAMES["slicer.util"]:
-                    bad.append(f"{dotted}: slicer.util has no {rest[1]}")
-            elif head == "modules":
-                if len(rest) > 1 and rest[1] not in NAMES["slicer.modules"] + ["cradlanomaly"]:
-                    bad.append(f"{dotted}: no Slicer module {rest[1]}")
-            elif head == "parameterNodeWrapper":
-                if len(rest) > 1 and rest[1] not in NAMES["slicer.parameterNodeWrapper"]:
-                    bad.append(f"{dotted}: slicer.parameterNodeWrapper has no {rest[1]}")
-            elif head == "ScriptedLoadableModule" or head in ("app", "mrmlScene"):
-                if head == "mrmlScene" and len(rest) > 1 and not _wheelHas("vtkMRMLScene", rest[1]):
-                    bad.append(f"{dotted}: vtkMRMLScene has no {rest[1]}")
-                appMembers = _classMembers(NAMES, "qSlicerApplication")
-                if head == "app" and len(rest) > 1 and rest[1] not in appMembers and QOBJECT not in appMembers:
-                    bad.append(f"{dotted}: qSlicerApplication has no {rest[1]}")
-            elif head.startswith("vtk"):
-                member = rest[1] if len(rest) > 1 else None
-                appClass = NAMES["slicer_app_vtk"].get(head)
-                if appClass is not None:
-                    if member and member not in _classMembers(NAMES, head) and not _wheelHas(head, member):
-                        bad.append(f"{dotted}: {head} has no {member}")
-                elif not _wheelHas(head, member):
-                    bad.append(f"{dotted}: slicer-core has no {head}{'.' + member if member else ''}")
-            elif head.startswith(("qMRML", "qSlicer")):
-                if head not in NAMES["qMRML"]:
-                    bad.append(f"{dotted}: Slicer has no widget class {head}")
-            elif head not in NAMES["slicer"]:
-                bad.append(f"{dotted}: slicer has no {head}")
+        check = checks.get(chain[0])
+        problem = check(".".join(chain), list(chain[1:])) if check and len(chain) > 1 else None
+        if problem:
+            bad.append(problem)
     return bad
+
+
+def _qtProblem(dotted: str, rest: list) -> str | None:
+    if rest[0] not in NAMES["qt"]:
+        return f"{dotted}: PythonQt has no qt.{rest[0]}"
+    if len(rest) > 1:
+        members = _classMembers(NAMES, rest[0])
+        if rest[1] not in members and QOBJECT not in members:
+            return f"{dotted}: qt.{rest[0]} has no {rest[1]}"
+    return None
+
+
+def _ctkProblem(dotted: str, rest: list) -> str | None:
+    return None if rest[0] in NAMES["ctk"] else f"{dotted}: CTK has no {rest[0]}"
+
+
+def _sampleDataProblem(dotted: str, rest: list) -> str | None:
+    return None if rest[0] in NAMES["SampleData"] else f"{dotted}: the SampleData module has no {rest[0]}"
+
+
+def _slicerProblem(dotted: str, rest: list) -> str | None:
+    head, member = rest[0], (rest[1] if len(rest) > 1 else None)
+    listed = {"util": (NAMES["slicer.util"], "slicer.util has no {}"),
+              "modules": (NAMES["slicer.modules"] + ["cradlanomaly"], "no Slicer module {}"),
+              "parameterNodeWrapper": (NAMES["slicer.parameterNodeWrapper"],
+                                       "slicer.parameterNodeWrapper has no {}")}
+    if head in listed:
+        names, message = listed[head]
+        return f"{dotted}: {message.format(member)}" if member and member not in names else None
+    if head in ("ScriptedLoadableModule", "app", "mrmlScene"):
+        return _slicerApplicationProblem(dotted, head, member)
+    if head.startswith("vtk"):
+        return _slicerVtkProblem(dotted, head, member)
+    if head.startswith(("qMRML", "qSlicer")):
+        return None if head in NAMES["qMRML"] else f"{dotted}: Slicer has no widget class {head}"
+    return None if head in NAMES["slicer"] else f"{dotted}: slicer has no {head}"
+
+
+def _slicerApplicationProblem(dotted: str, head: str, member: str | None) -> str | None:
+    """``slicer.mrmlScene.X`` against the wheel's vtkMRMLScene, ``slicer.app.X`` against qSlicerApplication."""
+    if head == "mrmlScene" and member and not _wheelHas("vtkMRMLScene", member):
+        return f"{dotted}: vtkMRMLScene has no {member}"
+    if head == "app" and member:
+        appMembers = _classMembers(NAMES, "qSlicerApplication")
+        if member not in appMembers and QOBJECT not in appMembers:
+            return f"{dotted}: qSlicerApplication has no {member}"
+    return None
+
+
+def _slicerVtkProblem(dotted: str, head: str, member: str | None) -> str | None:
+    """An application-only VTK class against the application's headers (or the wheel), any other against the wheel."""
+    if NAMES["slicer_app_vtk"].get(head) is not None:
+        if member and member not in _classMembers(NAMES, head) and not _wheelHas(head, member):
+            return f"{dotted}: {head} has no {member}"
+        return None
+    if not _wheelHas(head, member):
+        return f"{dotted}: slicer-core has no {head}{'.' + member if member else ''}"
+    return None
 
 
 def uiWidgets() -> dict:

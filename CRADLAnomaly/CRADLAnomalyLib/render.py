@@ -173,7 +173,7 @@ def composeFigure(images: dict, displayMax: float, threshold: float, title: str 
     x = 0
     label = _font(15)
     colours = {"Axial": (242, 80, 80), "Coronal": (110, 200, 100), "Sagittal": (240, 210, 70)}
-    for (layoutName, name), tile in zip(VIEWS, tiles):
+    for (_, name), tile in zip(VIEWS, tiles):
         figure.paste(tile, (x, header))
         draw.rectangle([x, header, x + 4, header + 22], fill=colours[name])
         draw.text((x + 10, header + 3), name, fill=(235, 235, 235), font=label)

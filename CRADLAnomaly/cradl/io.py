@@ -510,6 +510,15 @@ def _check_dicom_slices(files: list[str], folder: Path, what: str) -> float | No
 
 def validate_image(image: sitk.Image, what: str = "scan") -> sitk.Image:
     """Refuse what the model cannot use; return the image as a 3D float32 scalar image."""
+    _check_voxel_kind(image, what)
+    image = _as_volume(image, what)
+    _check_size(image, what)
+    _check_orientation(image, what)
+    return _as_grey_levels(image, what)
+
+
+def _check_voxel_kind(image, what: str) -> None:
+    """A SimpleITK image of real-valued scalar voxels."""
     if not isinstance(image, sitk.Image):
         hint = " (numpy arrays: sitk.GetImageFromArray, with spacing, origin and direction set)" \
             if isinstance(image, np.ndarray) else ""
@@ -519,14 +528,23 @@ def validate_image(image: sitk.Image, what: str = "scan") -> sitk.Image:
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(f"{what} has {image.GetNumberOfComponentsPerPixel()} components per voxel; "
                          "a scalar (grey-level) 3D image is needed")
+
+
+def _as_volume(image: sitk.Image, what: str) -> sitk.Image:
+    """The image as a 3D volume (a 4D one with a single time point loses that axis)."""
     dim = image.GetDimension()
     size = image.GetSize()
     if dim == 4 and size[3] == 1:
-        image = image[:, :, :, 0]
-    elif dim != 3:
+        return image[:, :, :, 0]
+    if dim != 3:
         raise InputError(f"{what} is {dim}D {size}; a 3D volume is needed")
-    elif min(size) < 2:
+    if min(size) < 2:
         raise InputError(f"{what} is a single 2D slice {size}; a 3D volume is needed")
+    return image
+
+
+def _check_size(image: sitk.Image, what: str) -> None:
+    """Not more voxels than memory allows, valid spacing, and large enough to hold a brain."""
     size = image.GetSize()
     if int(np.prod(size, dtype=np.float64)) > MAX_VOXELS:
         raise InputError(f"{what} has {' x '.join(map(str, size))} voxels, more than this tool reads ({MAX_VOXELS:,})")
@@ -540,6 +558,10 @@ def validate_image(image: sitk.Image, what: str = "scan") -> sitk.Image:
     if min(extent) < MIN_EXTENT_MM:
         raise InputError(f"{what} covers only {' x '.join(f'{e:.0f}' for e in extent)} mm; a brain needs at least "
                          f"{MIN_EXTENT_MM:.0f} mm along each axis")
+
+
+def _check_orientation(image: sitk.Image, what: str) -> None:
+    """A finite origin and a direction matrix that is a rotation (possibly with flips), not sheared."""
     if not np.all(np.isfinite(image.GetOrigin())):
         raise InputError(f"{what} has a non-finite origin {image.GetOrigin()}")
     direction = np.array(image.GetDirection()).reshape(3, 3)
@@ -549,6 +571,10 @@ def validate_image(image: sitk.Image, what: str = "scan") -> sitk.Image:
     if skew > ORTHONORMAL_TOLERANCE:
         raise InputError(f"{what} has non-orthogonal direction cosines (deviation {skew:.3g}, tolerance "
                          f"{ORTHONORMAL_TOLERANCE:g}): a sheared grid cannot be scored or written back exactly")
+
+
+def _as_grey_levels(image: sitk.Image, what: str) -> sitk.Image:
+    """The voxels as float32, every one finite, not all the same."""
     try:
         image = sitk.Cast(image, sitk.sitkFloat32)
     except RuntimeError:

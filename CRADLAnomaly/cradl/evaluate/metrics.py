@@ -218,41 +218,63 @@ def summarise(cases: Sequence[CaseScores], n_boot: int = 1000, seed: int = 0, vo
         return {"n_cases": 0}
     labels = np.array([c.abnormal for c in cases])
     vol = np.array([c.volume_score for c in cases], dtype=float)
-    out: dict = {"n_cases": len(cases), "n_abnormal": int(labels.sum()), "n_normal": int((~labels).sum())}
-    out["volume"] = sample_metrics(labels, vol)
     slice_lab = [np.asarray(c.slice_labels, bool) for c in cases]
     slice_sc = [np.asarray(c.slice_scores, float) for c in cases]
+    out: dict = {"n_cases": len(cases), "n_abnormal": int(labels.sum()), "n_normal": int((~labels).sum())}
+    out["volume"] = sample_metrics(labels, vol)
     out["slice"] = sample_metrics(np.concatenate(slice_lab), np.concatenate(slice_sc))
-
-    strata = labels.astype(int)
     ci = {}
     if n_boot and labels.any() and (~labels).any():
-        ci["volume_auroc"] = bootstrap_ci(lambda i: sample_metrics(labels[i], vol[i])["auroc"], strata, n_boot, seed)
-        ci["volume_ap"] = bootstrap_ci(lambda i: sample_metrics(labels[i], vol[i])["ap"], strata, n_boot, seed)
-        ci["slice_auroc"] = bootstrap_ci(
-            lambda i: sample_metrics(np.concatenate([slice_lab[j] for j in i]),
-                                     np.concatenate([slice_sc[j] for j in i]))["auroc"], strata, n_boot // 4, seed)
-
-    has_voxel = voxel and all(c.pos_hist is not None for c in cases)
-    if has_voxel:
-        pos = np.stack([c.pos_hist for c in cases])
-        neg = np.stack([c.neg_hist for c in cases])
-        out["voxel"] = curve_metrics(pos.sum(0), neg.sum(0))
-        if n_boot and labels.any():
-            def vox(i, key):
-                return curve_metrics(pos[i].sum(0), neg[i].sum(0))[key]
-            ci["voxel_ap"] = bootstrap_ci(lambda i: vox(i, "ap"), strata, n_boot // 4, seed)
-            ci["voxel_best_dice"] = bootstrap_ci(lambda i: vox(i, "best_dice"), strata, n_boot // 4, seed)
-        abnormal = [c for c in cases if c.abnormal]
-        normal = [c for c in cases if not c.abnormal]
-        out["dice_at_threshold"] = _nanmean([c.dice_at_threshold for c in abnormal])
-        out["detection_rate"] = _nanmean([float(c.detected) for c in abnormal if c.detected is not None])
-        out["fp_regions_per_normal_scan"] = _nanmean([c.n_false_regions for c in normal])
-        out["fp_regions_per_abnormal_scan"] = _nanmean([c.n_false_regions for c in abnormal])
-        out["normal_scans_with_regions"] = _nanmean([float(c.n_regions > 0) for c in normal])
+        ci.update(_sample_intervals(labels, vol, slice_lab, slice_sc, n_boot, seed))
+    if voxel and all(c.pos_hist is not None for c in cases):
+        out["voxel"], voxel_ci = _voxel_metrics(cases, labels, n_boot, seed)
+        ci.update(voxel_ci)
+        out.update(_region_metrics(cases))
     out["ci95"] = {k: [round(v, 4) if np.isfinite(v) else None for v in pair] for k, pair in ci.items()}
     out["seconds_per_case"] = _nanmean([c.seconds for c in cases])
     return out
+
+
+def _sample_intervals(labels: np.ndarray, vol: np.ndarray, slice_lab: list, slice_sc: list, n_boot: int,
+                      seed: int) -> dict:
+    """Bootstrap intervals of the volume AUROC and AP and of the slice AUROC (cases resampled by class)."""
+    strata = labels.astype(int)
+
+    def slice_auroc(i):
+        pooled = np.concatenate([slice_lab[j] for j in i]), np.concatenate([slice_sc[j] for j in i])
+        return sample_metrics(*pooled)["auroc"]
+
+    return {"volume_auroc": bootstrap_ci(lambda i: sample_metrics(labels[i], vol[i])["auroc"], strata, n_boot, seed),
+            "volume_ap": bootstrap_ci(lambda i: sample_metrics(labels[i], vol[i])["ap"], strata, n_boot, seed),
+            "slice_auroc": bootstrap_ci(slice_auroc, strata, n_boot // 4, seed)}
+
+
+def _voxel_metrics(cases: list[CaseScores], labels: np.ndarray, n_boot: int, seed: int) -> tuple[dict, dict]:
+    """Voxel AUROC, AP and best Dice pooled over every case's brain voxels, and the intervals of AP and best Dice
+    (when there are abnormal cases to resample)."""
+    pos = np.stack([c.pos_hist for c in cases])
+    neg = np.stack([c.neg_hist for c in cases])
+    ci = {}
+    if n_boot and labels.any():
+        strata = labels.astype(int)
+
+        def vox(i, key):
+            return curve_metrics(pos[i].sum(0), neg[i].sum(0))[key]
+
+        ci["voxel_ap"] = bootstrap_ci(lambda i: vox(i, "ap"), strata, n_boot // 4, seed)
+        ci["voxel_best_dice"] = bootstrap_ci(lambda i: vox(i, "best_dice"), strata, n_boot // 4, seed)
+    return curve_metrics(pos.sum(0), neg.sum(0)), ci
+
+
+def _region_metrics(cases: list[CaseScores]) -> dict:
+    """Dice at the threshold and detection rate over abnormal cases; false-positive regions per scan."""
+    abnormal = [c for c in cases if c.abnormal]
+    normal = [c for c in cases if not c.abnormal]
+    return {"dice_at_threshold": _nanmean([c.dice_at_threshold for c in abnormal]),
+            "detection_rate": _nanmean([float(c.detected) for c in abnormal if c.detected is not None]),
+            "fp_regions_per_normal_scan": _nanmean([c.n_false_regions for c in normal]),
+            "fp_regions_per_abnormal_scan": _nanmean([c.n_false_regions for c in abnormal]),
+            "normal_scans_with_regions": _nanmean([float(c.n_regions > 0) for c in normal])}
 
 
 def breakdown(cases: Sequence[CaseScores], key: Callable[[CaseScores], str | None], n_boot: int = 0,

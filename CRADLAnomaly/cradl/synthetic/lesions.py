@@ -516,7 +516,7 @@ def insert_anomaly(image: sitk.Image, labels: sitk.Image, kind: str, size_mm: fl
         raise ValueError(f"unknown anomaly type {kind!r}; choose from {ANOMALY_TYPES}")
     if not size_mm > 0:
         raise ValueError("size_mm must be positive")
-    for attempt in range(10):
+    for _ in range(10):  # an insertion can come out empty (nothing changed): try fresh random choices
         ins = _Inserter(_Scan(image, labels), contrast, rng)
         details = _KINDS[kind](ins, float(size_mm))
         if ins.mask.any():
