@@ -91,44 +91,45 @@ def validate_calibration(calibration: dict, n_slices: int) -> None:
     nesting of dicts and lists of strings and finite numbers."""
     if not isinstance(calibration, dict):
         raise ValueError("calibration is not a mapping")
-
-    def numbers(key, length=None, positive=False, minimum=1):
-        values = calibration.get(key)
-        if not isinstance(values, list) or not all(_is_number(v) for v in values):
-            raise ValueError(f"calibration.{key} must be a list of numbers")
-        if length is not None and len(values) != length:
-            raise ValueError(f"calibration.{key} has {len(values)} values; the reference grid has {length} slices")
-        if not minimum <= len(values) <= MAX_SCORES:
-            raise ValueError(f"calibration.{key} must hold {minimum} to {MAX_SCORES} values")
-        if not all(np.isfinite(v) for v in values):
-            raise ValueError(f"calibration.{key} holds non-finite values")
-        if positive and not all(v > 0 for v in values):
-            raise ValueError(f"calibration.{key} must be positive")
-
-    def number(key, low, high, low_open=False, required=True, integer=False):
-        if key not in calibration and not required:
-            return
-        value = calibration.get(key)
-        if not _is_number(value) or (integer and not isinstance(value, int)):
-            raise ValueError(f"calibration.{key} must be {'an integer' if integer else 'a number'}")
-        if not np.isfinite(value) or value > high or value < low or (low_open and value == low):
-            raise ValueError(f"calibration.{key} = {value} is outside {'(' if low_open else '['}{low:g}, {high:g}]")
-
-    numbers("slice_nll_mean", n_slices)
-    numbers("slice_nll_std", n_slices, positive=True)
-    numbers("volume_scores")
+    _numbers(calibration, "slice_nll_mean", n_slices)
+    _numbers(calibration, "slice_nll_std", n_slices, positive=True)
+    _numbers(calibration, "volume_scores")
     if calibration.get("volume_aggregate", DEFAULT_AGGREGATE) not in AGGREGATES:
         raise ValueError(f"calibration.volume_aggregate must be one of {', '.join(AGGREGATES)}")
-    number("heatmap_scale", 0.0, 1e12, low_open=True)
-    number("voxel_threshold", 0.0, MAX_THRESHOLD, low_open=True)
-    number("min_region_mm3", 0.0, 1e9)
-    number("n_scans", 1, 1e9, integer=True, required=False)
-    number("n_heatmap_scans", 1, 1e9, integer=True, required=False)
+    _number(calibration, "heatmap_scale", 0.0, 1e12, low_open=True)
+    _number(calibration, "voxel_threshold", 0.0, MAX_THRESHOLD, low_open=True)
+    _number(calibration, "min_region_mm3", 0.0, 1e9)
+    _number(calibration, "n_scans", 1, 1e9, integer=True, required=False)
+    _number(calibration, "n_heatmap_scans", 1, 1e9, integer=True, required=False)
     if "normal_region_bounds" in calibration:
-        numbers("normal_region_bounds", minimum=0)
+        _numbers(calibration, "normal_region_bounds", minimum=0)
     for key, value in calibration.items():
         if key not in _KNOWN_FIELDS:
             check_loose(value, f"calibration.{key}")
+
+
+def _numbers(calibration: dict, key: str, length=None, positive=False, minimum=1) -> None:
+    values = calibration.get(key)
+    if not isinstance(values, list) or not all(_is_number(v) for v in values):
+        raise ValueError(f"calibration.{key} must be a list of numbers")
+    if length is not None and len(values) != length:
+        raise ValueError(f"calibration.{key} has {len(values)} values; the reference grid has {length} slices")
+    if not minimum <= len(values) <= MAX_SCORES:
+        raise ValueError(f"calibration.{key} must hold {minimum} to {MAX_SCORES} values")
+    if not all(np.isfinite(v) for v in values):
+        raise ValueError(f"calibration.{key} holds non-finite values")
+    if positive and not all(v > 0 for v in values):
+        raise ValueError(f"calibration.{key} must be positive")
+
+
+def _number(calibration: dict, key: str, low, high, low_open=False, required=True, integer=False) -> None:
+    if key not in calibration and not required:
+        return
+    value = calibration.get(key)
+    if not _is_number(value) or (integer and not isinstance(value, int)):
+        raise ValueError(f"calibration.{key} must be {'an integer' if integer else 'a number'}")
+    if not np.isfinite(value) or value > high or value < low or (low_open and value == low):
+        raise ValueError(f"calibration.{key} = {value} is outside {'(' if low_open else '['}{low:g}, {high:g}]")
 
 
 _KNOWN_FIELDS = {"slice_nll_mean", "slice_nll_std", "volume_scores", "volume_aggregate", "heatmap_scale",

@@ -15,7 +15,7 @@ from .calibration import describe_percentile
 from .bundle import ModelBundle, load_bundle
 from .errors import DetectionCancelled, InputError
 from .io import read_image, validate_image
-from .localize import postprocess_saliency, score_and_saliency, score_slices
+from .localize import scan_heatmap, score_slices
 from .preprocess import PreparedScan, prepare_scan
 from .regions import Region, find_regions
 from .space import ReferenceSpace
@@ -155,10 +155,10 @@ class AnomalyDetector:
                           ) -> tuple[np.ndarray, np.ndarray]:
         """Slice NLLs and the calibrated heatmap on the reference grid ([z, y, x], 1.0 = normal's high end)."""
         idx = prepared.slice_indices
-        nll, saliency = score_and_saliency(prepared.volume[idx], idx, self.encoder, self.gmm, self.localization,
-                                           self.device, self.batch_size, progress)
+        nll, heat_idx = scan_heatmap(prepared.volume, prepared.mask, idx, self.encoder, self.gmm, self.localization,
+                                     self.device, self.batch_size, progress)
         heat = np.zeros(prepared.volume.shape, dtype=np.float32)
-        heat[idx] = postprocess_saliency(saliency, prepared.mask[idx], self.localization, idx)
+        heat[idx] = heat_idx
         return nll, heat / float(self.calibration["heatmap_scale"])
 
     def detect(self, image: sitk.Image | str | Path, mask: sitk.Image | str | Path | None = None,

@@ -85,3 +85,12 @@ def postprocess_saliency(saliency: np.ndarray, mask: np.ndarray, config: dict,
         stack[positions] = heat
         heat = ndimage.gaussian_filter1d(stack, sigma_z, axis=0, mode="constant")[positions]
     return (heat * mask).astype(np.float32)
+
+
+def scan_heatmap(volume: np.ndarray, mask: np.ndarray, indices: np.ndarray, encoder: SliceEncoder,
+                 gmm: GaussianMixtureNLL, config: dict, device: torch.device, batch_size: int = 16,
+                 progress: Callable[[float], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Slice NLLs (N,) and the post-processed heatmap (N, S, S) of a reference-grid scan's slices at `indices`."""
+    nll, saliency = score_and_saliency(volume[indices], indices, encoder, gmm, config, device, batch_size, progress)
+    return nll, postprocess_saliency(saliency, mask[indices], config, indices)
+

@@ -24,7 +24,7 @@ from ..encoder import ProjectionHead, SliceEncoder
 from ..errors import CradlError, InputError
 from ..gmm import GaussianMixtureNLL
 from ..io import IMAGE_SUFFIXES, atomic_path, read_image
-from ..localize import postprocess_saliency, score_and_saliency, score_slices
+from ..localize import scan_heatmap, score_slices
 from ..manifest import DEFAULT_LOCALIZATION, ModelManifest
 from ..preprocess import DEFAULT_NORMALISATION, PreparedScan, prepare_scan
 from ..pins import DEEPBET
@@ -131,7 +131,7 @@ def _preparation_recipe(space: ReferenceSpace, config: TrainConfig, masks: list[
                        "masks": [str(Path(m).resolve()) for m in masks] if masks else None}, sort_keys=True)
 
 
-def train_model(normal_dirs, out: str | Path, config: TrainConfig = TrainConfig(), device: str = "auto",
+def train_model(normal_dirs, out: str | Path, config: TrainConfig | None = None, device: str = "auto",
                 resume: bool = True, scans: list[Path] | None = None, progress: bool = True,
                 masks: list[Path] | None = None, groups: dict[str, list[int]] | None = None,
                 data_split: dict | None = None, contrasts: tuple[str, ...] = ("t1", "t2", "flair")) -> Path:
@@ -142,6 +142,7 @@ def train_model(normal_dirs, out: str | Path, config: TrainConfig = TrainConfig(
     each group, recorded in the manifest; `contrasts`: the contrasts the normal scans cover.
     Returns `out`."""
     started = time.perf_counter()
+    config = config or TrainConfig()
     out = Path(out)
     if not out.parent.is_dir():
         raise CradlError(f"cannot write {out}: folder {out.parent} does not exist")
@@ -354,9 +355,9 @@ def calibrate(encoder, gmm, val_scans: list[PreparedScan], scans: list[PreparedS
     nlls, heats, masks = [], [], []
     for scan in tqdm(scans + val_scans, desc="calibrating on held-out normals", unit="scan", disable=not progress):
         idx = scan.slice_indices
-        nll, saliency = score_and_saliency(scan.volume[idx], idx, encoder, gmm, config.localization, dev)
+        nll, heat = scan_heatmap(scan.volume, scan.mask, idx, encoder, gmm, config.localization, dev)
         nlls.append(nll)
-        heats.append(postprocess_saliency(saliency, scan.mask[idx], config.localization, idx))
+        heats.append(heat)
         masks.append(scan.mask[idx])
     stats["volume_scores"] = sorted(aggregate(n, s.slice_indices, stats) for n, s in zip(nlls, scans))
     stats["typicality"] = fit_typicality([slice_z_scores(n, s.slice_indices, stats) for n, s in zip(nlls, scans)])
