@@ -124,6 +124,20 @@ def _child(queue, *args):
         queue.put({"error": f"{type(exc).__name__}: {exc}"})
 
 
+def cli_startup_seconds(repeats: int = 5) -> dict:
+    """Wall time of `python -m cradl --help` in a fresh interpreter: what every command pays before it starts
+    (the parser is built without torch, so this stays small)."""
+    import subprocess
+    import sys
+
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "cradl", "--help"], check=True, capture_output=True)
+        times.append(time.perf_counter() - started)
+    return _summary(times)
+
+
 def run(model: str | None, sizes: list[str], repeats: int, naive_sizes: list[str]) -> dict:
     import torch
 
@@ -141,7 +155,7 @@ def run(model: str | None, sizes: list[str], repeats: int, naive_sizes: list[str
             print(f"{name}: {json.dumps(results[name])}", flush=True)
     return {"machine": f"{platform.machine()} {platform.processor()}, {torch.get_num_threads()} torch threads, "
                        f"{multiprocessing.cpu_count()} cores", "torch": torch.__version__, "repeats": repeats,
-            "date": time.strftime("%Y-%m-%d"), "sizes": results}
+            "date": time.strftime("%Y-%m-%d"), "cli_help_s": cli_startup_seconds(), "sizes": results}
 
 
 def markdown_table(report: dict) -> str:
@@ -156,6 +170,10 @@ def markdown_table(report: dict) -> str:
         lines.append(f"| {name} | {'x'.join(map(str, r['voxels']))} | {t['min']:.2f}/{t['median']:.2f}/{t['max']:.2f} "
                      f"| {s['median']:.2f} | {n['median']:.2f} | {r['slices_per_s']} | {r['ratio_to_network']} "
                      f"| {r.get('naive_total_s', '-')} | {r.get('speedup_vs_naive', '-')} | {r['peak_rss_mib']} |")
+    if "cli_help_s" in report:
+        t = report["cli_help_s"]
+        lines += ["", f"`python -m cradl --help` (a fresh interpreter, min/med/max): {t['min']:.2f}/{t['median']:.2f}/"
+                      f"{t['max']:.2f} s"]
     return "\n".join(lines)
 
 
