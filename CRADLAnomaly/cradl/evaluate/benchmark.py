@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..synthetic.lesions import ANOMALY_TYPES
-from .report import markdown_tables as markdown_tables  # re-exported: `evaluate.commands` prints the tables
 from .report import results_meta, targets, write_results
 from .scoring import evaluate_cases, report_methods
 

@@ -148,7 +148,8 @@ def _command_line(args) -> str:
 
 
 def run_evaluate(args) -> int:
-    from .benchmark import evaluate, markdown_tables
+    from .benchmark import evaluate
+    from .report import markdown_tables
 
     data = Path(args.data)
     if not (data / "manifest.json").is_file():
@@ -165,7 +166,8 @@ def run_evaluate(args) -> int:
 def run_benchmark(args) -> int:
     import dataclasses
 
-    from .benchmark import CONFIGS, markdown_tables, run_benchmark as run
+    from .benchmark import CONFIGS, run_benchmark as run
+    from .report import markdown_tables
 
     config = CONFIGS[args.config]
     overrides = {}
