@@ -197,7 +197,7 @@ def simclr_ddp(encoder, head, slices: np.ndarray, config, dev, checkpoint: Path,
     from tqdm import tqdm
 
     from .augment import nt_xent, simclr_view
-    from .trainer import resume_simclr, save_simclr, simclr_optimiser
+    from .trainer import resume_simclr, save_simclr, simclr_optimiser, simclr_step
 
     if config.batch_size < world:
         raise InputError(f"--batch-size {config.batch_size} is smaller than --nproc {world}")
@@ -224,12 +224,7 @@ def simclr_ddp(encoder, head, slices: np.ndarray, config, dev, checkpoint: Path,
             # every rank's projections, with their gradients: the loss sees the whole global batch; the
             # gradient reaching each rank's share is summed over ranks, and DDP's average undoes that sum
             loss = nt_xent(torch.cat(all_gather(z1)), torch.cat(all_gather(z2)), config.temperature)
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            schedule.step()
-            losses.append(loss.item())
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+            simclr_step(loss, optimiser, schedule, losses, bar)
         history.append(round(float(np.mean(losses)), 4))
         if rank == 0:
             log.info("epoch %d/%d  NT-Xent loss %.4f (%d processes)", epoch + 1, config.epochs, history[-1], world)

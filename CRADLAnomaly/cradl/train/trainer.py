@@ -248,17 +248,22 @@ def train_simclr(encoder: SliceEncoder, head: ProjectionHead, slices: np.ndarray
             z1 = head(encoder(simclr_view(batch, generator, config.geometry)))
             z2 = head(encoder(simclr_view(batch, generator, config.geometry)))
             loss = nt_xent(z1, z2, config.temperature)
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            schedule.step()
-            losses.append(loss.item())
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+            simclr_step(loss, optimiser, schedule, losses, bar)
         history.append(round(float(np.mean(losses)), 4))
         log.info("epoch %d/%d  NT-Xent loss %.4f", epoch + 1, config.epochs, history[-1])
         if checkpoint is not None:
             save_simclr(checkpoint, encoder, head, optimiser, schedule, epoch, config, steps_per_epoch, history)
     return history
+
+
+def simclr_step(loss: torch.Tensor, optimiser, schedule, losses: list[float], bar) -> None:
+    """One optimiser step on `loss`; its value is kept for the epoch's mean and shown on the progress bar."""
+    optimiser.zero_grad(set_to_none=True)
+    loss.backward()
+    optimiser.step()
+    schedule.step()
+    losses.append(loss.item())
+    bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
 
 
 def resume_simclr(checkpoint: Path | None, dev, encoder, head, optimiser, schedule, config: TrainConfig,
