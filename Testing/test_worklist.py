@@ -53,6 +53,15 @@ def test_order_is_most_unusual_first_and_failures_last(batch_folder):
     assert [r["name"] for r in triage_order(rows)] == ["high.nii.gz", "mid.nii.gz", "low <scan>.nii.gz", "bad.nii.gz"]
 
 
+def test_scans_the_model_cannot_compare_come_after_every_comparable_one(batch_folder):
+    _, rows = batch_folder
+    flair = {"index": 9, "input": "/data/flair.nii.gz", "name": "flair.nii.gz", "status": "ok", "reused": False,
+             "volume_score": 70.0, "volume_percentile": 100.0, "out_of_distribution": True,
+             "interpretation": "not comparable: the scan is unlike every normal scan the model knows"}
+    order = [r["name"] for r in triage_order([*rows, flair])]
+    assert order == ["high.nii.gz", "mid.nii.gz", "low <scan>.nii.gz", "flair.nii.gz", "bad.nii.gz"]
+
+
 def test_page_is_self_contained_and_escapes_names(batch_folder):
     out, _ = batch_folder
     text = (out / "worklist.html").read_text()

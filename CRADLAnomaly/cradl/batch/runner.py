@@ -167,7 +167,7 @@ def _result_fields(result) -> dict:
     report = result.to_report()
     top = result.regions[0] if result.regions else None
     return {"volume_score": report["volume_score"], "volume_percentile": report["volume_percentile"],
-            "interpretation": report["interpretation"],
+            "interpretation": report["interpretation"], "out_of_distribution": bool(report["out_of_distribution"]),
             "n_regions": len(result.regions) if result.heatmap is not None else None,
             "top_region_centre_ras": [round(float(v), 1) for v in top.centre_ras] if top else None,
             "top_region_volume_mm3": round(float(top.volume_mm3), 1) if top else None,

@@ -24,7 +24,8 @@ th,td{border-bottom:1px solid #ddd;padding:.4em .6em;text-align:left;vertical-al
 th{background:#f3f3f3;cursor:pointer;user-select:none;position:sticky;top:0}
 th[aria-sort=descending]::after{content:" \\25BC"} th[aria-sort=ascending]::after{content:" \\25B2"}
 tr.highly-unusual td.pct{background:#f8c9c4;font-weight:bold} tr.unusual td.pct{background:#fde3bd}
-tr.failed{color:#a00} img.thumb{height:96px;display:block} .note{color:#555;font-size:.9em}
+tr.failed{color:#a00} tr.not-comparable{color:#666;font-style:italic}
+img.thumb{height:96px;display:block} .note{color:#555;font-size:.9em}
 """
 
 _SCRIPT = """
@@ -59,10 +60,13 @@ def _num(value, fmt: str) -> str:
 
 
 def triage_order(rows: list[dict]) -> list[dict]:
-    """Scored scans by percentile (then volume score), most unusual first; failed scans last, in input order."""
+    """Scored scans by percentile (then volume score), most unusual first; then the scans the model cannot
+    compare with its normal ones (another contrast or scanner: their percentile is not a finding), in the
+    same order; failed scans last, in input order."""
     scored = [r for r in rows if r.get("status") == "ok" and r.get("volume_percentile") is not None]
     rest = [r for r in rows if r not in scored]
-    scored.sort(key=lambda r: (-float(r["volume_percentile"]), -float(r["volume_score"]), r["index"]))
+    scored.sort(key=lambda r: (bool(r.get("out_of_distribution")), -float(r["volume_percentile"]),
+                               -float(r["volume_score"]), r["index"]))
     return scored + sorted(rest, key=lambda r: r["index"])
 
 
@@ -76,7 +80,8 @@ def write_worklist(rows: list[dict], out_dir: Path, title: str = "CRADL triage w
         pct = row.get("volume_percentile") if ok else None
         words = html.escape(str(row.get("interpretation") or "")) if ok else \
             f"failed: {html.escape(str(row.get('error') or ''))}"
-        css = "failed" if not ok else ("highly-unusual" if pct >= 99 else "unusual" if pct >= 95 else "")
+        css = ("failed" if not ok else "not-comparable" if row.get("out_of_distribution") else
+               "highly-unusual" if pct >= 99 else "unusual" if pct >= 95 else "")
         png = row.get("png")
         thumb = (f'<a href="{_rel(png, out_dir)}"><img class="thumb" src="{_rel(png, out_dir)}" '
                  f'alt="three planes through the top region of {html.escape(row["name"])}"></a>'
@@ -105,7 +110,8 @@ def write_worklist(rows: list[dict], out_dir: Path, title: str = "CRADL triage w
 <style>{_STYLE}</style></head><body>
 <h1>{html.escape(title)}</h1>
 <p class="note">{n_ok} of {len(rows)} scans scored; most unusual first (percentile of the scan's anomaly score
-among the model's normal reference scans). Click a column header to re-sort. Research use only:
+among the model's normal reference scans), then the scans the model cannot compare with its normal ones
+(in grey: their percentile is not a finding), failed scans last. Click a column header to re-sort. Research use only:
 not for diagnostic use. Written by cradl {html.escape(__version__)}.</p>
 <table id="worklist"><thead><tr>
 <th data-sortable data-first="asc">#</th><th data-sortable data-first="asc">scan</th>
