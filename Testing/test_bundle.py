@@ -352,3 +352,13 @@ def test_a_full_disk_while_saving_a_bundle_leaves_nothing(bundle_path, tmp_path)
     from cradl.errors import CradlError
     assert isinstance(caught.value, CradlError), caught.value
     assert list(out.iterdir()) == []
+
+
+def test_a_changed_manifest_is_what_a_saved_bundle_holds(bundle_path, tmp_path):
+    bundle = load_bundle(bundle_path)
+    calibration = dict(bundle.manifest.calibration, voxel_threshold=3.0)
+    bundle.manifest = bundle.manifest.with_fields(calibration=calibration, name="unit:variant")
+    assert bundle.manifest.calibration["voxel_threshold"] == 3.0
+    bundle.save(tmp_path / "variant.cradl")
+    again = load_bundle(tmp_path / "variant.cradl")
+    assert again.manifest.calibration["voxel_threshold"] == 3.0 and again.name == "unit:variant"

@@ -71,6 +71,11 @@ class ModelManifest:
             recalibrations=tuple(m.get("recalibrations", ())), format_version=int(m.get("format_version", 1)),
             stored=m)
 
+    def with_fields(self, **changes) -> ModelManifest:
+        """This manifest with top-level fields changed (e.g. `calibration`, `name`), its stored mapping changed
+        alike, so that a bundle saved from it holds what detection reads."""
+        return ModelManifest.from_dict({**self.stored, **changes})
+
     @property
     def recipe(self) -> dict:
         """The training recipe as recorded (`TrainConfig` fields); empty for bundles that did not record it."""

@@ -164,7 +164,7 @@ def cradl_variant(base: AnomalyDetector, name: str, features: nn.Module, gmm: Ga
     gmm = gmm.to(base.device).eval()
     calibration = calibrate(features, gmm, cohort.pick(cohort.val), cohort.pick(cohort.cal), cohort.config,
                             base.device, cohort.progress)
-    manifest = dataclasses.replace(base.bundle.manifest, calibration=calibration, name=f"{base.bundle.name}:{name}")
+    manifest = base.bundle.manifest.with_fields(calibration=calibration, name=f"{base.bundle.name}:{name}")
     bundle = ModelBundle(manifest, features, gmm, base.bundle.template, base.bundle.template_mask, base.bundle.path)
     return CradlMethod(name, AnomalyDetector(bundle, device=base.device, batch_size=base.batch_size), info)
 
