@@ -76,13 +76,17 @@ def load_cohort(detector: AnomalyDetector, normal_dirs=None, cache: Path | None 
     paths = find_scans(dirs)
     train, val, cal = split_scans(len(paths), config)
     scans = prepare_all(paths, detector.space, config, cache, progress)
-    # the trainer's cache holds float16 volumes (returned as such when it is reused): score in float32
-    scans = [PreparedScan(s.volume.astype(np.float32), s.mask.astype(bool), s.transform, s.slice_indices)
-             for s in scans]
+    scans = for_scoring(scans)
     contrasts = _cohort_contrasts(paths)
     log.info("normal cohort: %d scans (%d train, %d validation, %d calibration)", len(paths), len(train),
              len(val), len(cal))
     return Cohort(config, paths, scans, train, val, cal, contrasts, progress)
+
+
+def for_scoring(scans: list[PreparedScan]) -> list[PreparedScan]:
+    """The trainer's cache holds float16 volumes (returned as such when it is reused): score in float32."""
+    return [PreparedScan(s.volume.astype(np.float32), s.mask.astype(bool), s.transform, s.slice_indices)
+            for s in scans]
 
 
 def _cohort_contrasts(paths: list[Path]) -> list[str | None]:

@@ -39,14 +39,14 @@ def real_cohort(detector, work_dir: Path, root=None, progress: bool = True, cach
     """The recorded split's training, validation and calibration subjects, prepared in the model's space."""
     from ..train.real import brain_masks, normal_subjects
     from ..train.trainer import config_from_manifest, prepare_all
-    from .baselines import Cohort
+    from .baselines import Cohort, for_scoring
 
     subjects, groups = normal_subjects(root)
     groups = {name: np.asarray(indices) for name, indices in groups.items()}
     config = config_from_manifest(detector.bundle.manifest)
     masks = brain_masks(subjects, work_dir, progress)
     scans = prepare_all([s.t1 for s in subjects], detector.space, config, cache, progress, masks=masks)
-    scans = [type(s)(s.volume.astype(np.float32), s.mask.astype(bool), s.transform, s.slice_indices) for s in scans]
+    scans = for_scoring(scans)
     return Cohort(config, [s.t1 for s in subjects], scans, groups["train"], groups["validation"],
                   groups["calibration"], [None] * len(subjects), progress)
 
