@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from cradl.errors import InputError
+from cradl.errors import InputError, OutputError
 from cradl.io import atomic_files, atomic_path, plain_json, read_image, scan_stem, validate_image, write_json
 
 
@@ -140,6 +140,37 @@ def test_a_set_of_outputs_is_written_all_or_nothing(tmp_path):
         files.commit()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["heat.nii.gz", "report.json"]
     assert json.loads((tmp_path / "report.json").read_text()) == {"new": 1}
+
+
+def test_a_folder_output_is_written_whole_or_not_at_all(tmp_path):
+    import os
+
+    final = tmp_path / "overlay"
+    final.mkdir()
+    (final / "a.dcm").write_text("earlier run")
+    with pytest.raises(RuntimeError):
+        with atomic_files() as files:
+            (files.folder(final, lambda name: name.endswith(".dcm")) / "a.dcm").write_text("half")
+            raise RuntimeError("disk full")
+    assert [p.name for p in tmp_path.iterdir()] == ["overlay"] and (final / "a.dcm").read_text() == "earlier run"
+    with atomic_files() as files:
+        folder = files.folder(final, lambda name: name.endswith(".dcm"))
+        for name in ("b.dcm", "c.dcm"):
+            (folder / name).write_text("new")
+        files.commit()
+    assert [p.name for p in tmp_path.iterdir()] == ["overlay"]  # the earlier folder replaced whole, none aside
+    assert sorted(p.name for p in final.iterdir()) == ["b.dcm", "c.dcm"]
+    mask = os.umask(0)
+    os.umask(mask)
+    assert final.stat().st_mode & 0o777 == 0o777 & ~mask
+    (final / "keep.txt").write_text("not ours")
+    with pytest.raises(OutputError, match="keep.txt"):
+        with atomic_files() as files:
+            files.folder(final, lambda name: name.endswith(".dcm"))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputError, match="not a folder"):
+        with atomic_files() as files:
+            files.folder(tmp_path / "file", lambda name: True)
 
 
 # ---------------------------------------------------------------- issue 11: broken input never scored as whole

@@ -15,7 +15,7 @@ import traceback
 from pathlib import Path
 
 from .errors import CradlError, InputError, OutputError, one_line, scan_failure
-from .io import IMAGE_SUFFIXES, check_output_path, is_image_path, read_image, stderr_lock, writing
+from .io import IMAGE_SUFFIXES, check_output_folder, check_output_path, is_image_path, read_image, stderr_lock, writing
 from .outputs import (CLI_KINDS, SCORES_ONLY, SUFFIXES, batch_plan, model_path, output_names, protected_files,
                       refuse_clashes, write_outputs)
 
@@ -101,6 +101,8 @@ def _add_detect(sub):
     p.add_argument("--png", help="three-plane quick-look PNG; single input only")
     p.add_argument("--seg", help="regions as a DICOM Segmentation (.dcm); a DICOM series input only")
     p.add_argument("--pmap", help="heatmap as a DICOM Parametric Map (.dcm); a DICOM series input only")
+    p.add_argument("--overlay", help="folder for the heatmap blended over the scan as a DICOM Secondary Capture "
+                   "series (for viewers without Parametric Maps); a DICOM series input only")
     p.add_argument("--out-dir", help="batch mode: write " + ", ".join(output_names("NAME", CLI_KINDS).values())
                    + " here")
     p.add_argument("--model", help="model bundle (.cradl); default: the bundled model")
@@ -164,11 +166,12 @@ def _check_detect_options(args, batch: bool, on_dask: bool, first: Path) -> None
     single_outputs = args.heatmap or args.report or args.png
     if batch and single_outputs:
         raise CradlError("with several inputs use --out-dir instead of --heatmap/--report/--png")
-    if not batch and not (single_outputs or args.seg or args.pmap):
+    dicom_outputs = args.seg or args.pmap or args.overlay
+    if not batch and not (single_outputs or dicom_outputs):
         raise CradlError("say where to write results: --heatmap, --report, --png or --out-dir")
     if args.no_heatmap and (args.heatmap or args.png):
         raise CradlError("--no-heatmap computes scores only; drop --heatmap/--png")
-    if args.seg or args.pmap:
+    if dicom_outputs:
         _check_dicom_options(args, batch, first)
     if on_dask and not batch:
         raise CradlError("--workers and --scheduler run batch mode: use --out-dir instead of "
@@ -177,12 +180,13 @@ def _check_detect_options(args, batch: bool, on_dask: bool, first: Path) -> None
 
 def _check_dicom_options(args, batch: bool, first: Path) -> None:
     if batch:
-        raise CradlError(f"--seg/--pmap are for one input; in batch mode with --workers or --scheduler a DICOM "
-                         f"series input gets NAME{SUFFIXES['seg']} and NAME{SUFFIXES['pmap']} in --out-dir")
+        raise CradlError(f"--seg/--pmap/--overlay are for one input; in batch mode with --workers or --scheduler "
+                         f"a DICOM series input gets NAME{SUFFIXES['seg']}, NAME{SUFFIXES['pmap']} and "
+                         f"NAME{SUFFIXES['overlay']}/ in --out-dir")
     if not (first.is_dir() and _is_dicom_folder(first)):
-        raise CradlError("--seg and --pmap need a DICOM series input (a folder holding one series)")
+        raise CradlError("--seg, --pmap and --overlay need a DICOM series input (a folder holding one series)")
     if args.no_heatmap:
-        raise CradlError("--no-heatmap computes scores only; drop --seg/--pmap")
+        raise CradlError("--no-heatmap computes scores only; drop --seg/--pmap/--overlay")
 
 
 def _detector_and_mask(args):
@@ -193,13 +197,19 @@ def _detector_and_mask(args):
 
 
 def _detect_single(args, path: Path, protected) -> int:
-    """One scan to the files named by --heatmap, --report, --png, --seg and --pmap."""
-    dicom_outputs = [(flag, Path(value)) for flag, value in (("--seg", args.seg), ("--pmap", args.pmap)) if value]
+    """One scan to the files named by --heatmap, --report, --png, --seg and --pmap, and the --overlay folder."""
+    dicom_outputs = [(flag, Path(value)) for flag, value in
+                     (("--seg", args.seg), ("--pmap", args.pmap), ("--overlay", args.overlay)) if value]
     outputs = [(flag, Path(value)) for flag, value in
                (("--heatmap", args.heatmap), ("--report", args.report), ("--png", args.png)) if value]
     outputs += dicom_outputs
-    for _, out in outputs:
-        check_output_path(out)
+    for flag, out in outputs:
+        if flag == "--overlay":  # a folder, replaced whole: only an earlier overlay may be there
+            from .dicom_out import OVERLAY_FILE
+
+            check_output_folder(out, OVERLAY_FILE.fullmatch)
+        else:
+            check_output_path(out)
     refuse_clashes(outputs, protected)
     detector, mask = _detector_and_mask(args)
     image = read_image(path)
@@ -207,7 +217,7 @@ def _detect_single(args, path: Path, protected) -> int:
     if dicom_outputs:  # built before anything is written: a series that does not map refuses early
         from .dicom_out import build_dicom_results, save_dicom_results
 
-        dicom = build_dicom_results(path, result, detector.model_summary(), args.seg, args.pmap)
+        dicom = build_dicom_results(path, result, detector.model_summary(), args.seg, args.pmap, args.overlay)
     write_outputs(result, {"heatmap": args.heatmap, "report": args.report, "png": args.png}, image)
     if dicom_outputs:
         written = save_dicom_results(dicom)

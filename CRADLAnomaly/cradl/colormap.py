@@ -21,3 +21,34 @@ def heat_rgb(level) -> np.ndarray:
     u = HEAT_START + (1.0 - HEAT_START) * np.clip(np.asarray(level, dtype=np.float64), 0.0, 1.0)
     anchors = np.linspace(0.0, 1.0, len(INFERNO))
     return np.stack([np.interp(u, anchors, INFERNO[:, c]) for c in range(3)], axis=-1)
+
+
+# The grey window of a scan under its heatmap: robust to a few very bright or dark voxels.
+GREY_PERCENTILES = (1.0, 99.5)
+
+
+def grey_window(values) -> tuple[float, float]:
+    """(lo, hi): the grey window of `values` (a plane, or a whole series so that its slices match)."""
+    lo, hi = np.percentile(values, GREY_PERCENTILES)
+    return float(lo), float(max(hi, lo + 1e-6))
+
+
+def heat_scale(heat, threshold: float) -> float:
+    """The heat shown in the brightest colour: the maximum, but at least 1.5 x the threshold, so that a scan
+    with nothing above its threshold is not painted as if its weak heat were strong."""
+    return max(float(np.max(heat)), threshold * 1.5, 1e-6)
+
+
+def heat_over_grey(values, heat, threshold: float, vmax: float, window=None) -> np.ndarray:
+    """uint8 RGB: `heat` in the heat colours blended over `values` in grey (windowed by `window`, default
+    `grey_window(values)`): the one blend of every picture of a heatmap over a scan (the quick-look PNG, the
+    DICOM overlay series). Heat at or above `threshold` at 75 % opacity; weaker heat fades in below it (a
+    quarter at most) so that it never looks like a finding; no heat leaves the grey as it is."""
+    lo, hi = grey_window(values) if window is None else window
+    grey = np.clip((np.asarray(values, dtype=np.float64) - lo) / max(hi - lo, 1e-6), 0, 1)
+    heat = np.asarray(heat, dtype=np.float64)
+    colour = heat_rgb(np.clip(heat / vmax, 0, 1))
+    alpha = np.where(heat >= threshold, 0.75, np.clip(heat / threshold, 0, 1) * 0.25)[..., None]
+    blended = (1 - alpha) * grey[..., None] + alpha * colour
+    return (blended * 255).astype(np.uint8)
+

@@ -5,23 +5,29 @@
 - the heatmap as a DICOM Parametric Map (32-bit float frames, the same values as the NIfTI heatmap,
   with a real-world value mapping: 1.0 = the 99th percentile of heatmap values on normal scans).
 
-Both reference the source series (same study, frame of reference and every source instance), carry
+- the heatmap blended in colour over the scan as a Secondary Capture series (one RGB image per source
+  slice, in the quick-look's colours), for viewers and PACS that cannot show a Parametric Map (dwv
+  0.36 cannot place its frames).
+
+All reference the source series (same study, frame of reference and the source instances), carry
 the model's name and version (manufacturer model name, software versions) and say "NOT FOR
-DIAGNOSTIC USE" in their series and content descriptions, so they open next to the scan in
-Slicer's DICOM module, OHIF or a PACS. Frames are matched to source slices by their position along
-the slice normal, so they lie exactly on the source grid whatever order the files have.
+DIAGNOSTIC USE" in their series descriptions, so they open next to the scan in Slicer's DICOM
+module, OHIF or a PACS. Frames are matched to source slices by their position along the slice
+normal, so they lie exactly on the source grid whatever order the files have.
 
 `write_dicom_series` turns an image into a classic single-frame MR series (tests and demos).
 """
 from __future__ import annotations
 
 import datetime
+import re
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
 from . import __version__
+from .colormap import grey_window, heat_over_grey, heat_scale
 from .errors import InputError, OutputError
 
 DISCLAIMER = "NOT FOR DIAGNOSTIC USE"
@@ -126,41 +132,112 @@ def build_parametric_map(sources: list, heat: np.ndarray, model: dict):
     return pmap
 
 
-def build_dicom_results(series_folder: Path, result, model: dict, seg_path=None, pmap_path=None) -> list:
+def build_heatmap_overlay(sources: list, heat: np.ndarray, model: dict, threshold: float) -> list:
+    """The heatmap ([z, y, x] on the source grid) blended in colour over the scan as a Secondary Capture series:
+    one RGB image per source slice, lying on it. For viewers and PACS that show no Parametric Map; the blend and
+    colours are the quick-look PNG's (`colormap.heat_over_grey`), the grey window the whole series' so that
+    slices match. Single-frame Secondary Capture Image Storage, the SC kind every viewer reads slice by slice."""
+    import highdicom as hd
+    from pydicom.pixels import apply_modality_lut
+
+    scan = np.stack([apply_modality_lut(ds.pixel_array, ds) for ds in sources]).astype(np.float32)
+    window, top = grey_window(scan), heat_scale(heat, threshold)
+    series_uid = hd.UID()
+    return [_overlay_image(source, heat_over_grey(scan[k], heat[k], threshold, top, window), k + 1, series_uid,
+                           model, threshold) for k, source in enumerate(sources)]
+
+
+def _orientation_letter(direction) -> str:
+    """The patient direction (LPS: L, P or H; R, A or F when negative) an image axis mostly points to."""
+    axis = int(np.argmax(np.abs(direction)))
+    return ("LR", "PA", "HF")[axis][0 if direction[axis] > 0 else 1]
+
+
+def _overlay_image(source, rgb: np.ndarray, number: int, series_uid: str, model: dict, threshold: float):
+    import highdicom as hd
+    from pydicom import Dataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    iop = [float(v) for v in source.ImageOrientationPatient]
+    image = hd.sc.SCImage.from_ref_dataset(
+        source, rgb, hd.PhotometricInterpretationValues.RGB, 8, hd.CoordinateSystemNames.PATIENT,
+        series_instance_uid=series_uid, series_number=9903, sop_instance_uid=hd.UID(), instance_number=number,
+        pixel_spacing=tuple(float(v) for v in source.PixelSpacing),
+        patient_orientation=(_orientation_letter(iop[:3]), _orientation_letter(iop[3:])),
+        transfer_syntax_uid=ExplicitVRLittleEndian, series_description=f"CRADL anomaly heatmap overlay - {DISCLAIMER}",
+        **_equipment(model))
+    image.ConversionType = "WSD"  # made on a workstation from the scan (highdicom's default says digitized)
+    image.BurnedInAnnotation = "NO"  # no text in the pixels: the disclaimer is in the descriptions
+    image.RecognizableVisualFeatures = "YES"  # the scan's own grey values: as identifiable as the scan
+    image.ImageComments = f"CRADL anomaly heatmap over the scan, coloured from {threshold:.2f}; {DISCLAIMER}"
+    image.DerivationDescription = f"{model['name']} {model['version']} heatmap blended over the source image"[:1024]
+    reference = Dataset()
+    reference.ReferencedSOPClassUID, reference.ReferencedSOPInstanceUID = source.SOPClassUID, source.SOPInstanceUID
+    image.ReferencedImageSequence = [reference]
+    image.SourceImageSequence = [Dataset(reference)]
+    # Beyond the SC IOD (standard extended attributes), copied from the source slice: the plane and frame of
+    # reference let viewers stack the slices in space and sync them with the scan, not just by instance number.
+    for keyword in ("FrameOfReferenceUID", "PositionReferenceIndicator", "ImagePositionPatient",
+                    "ImageOrientationPatient", "SliceThickness", "SliceLocation"):
+        if keyword in source:
+            setattr(image, keyword, source[keyword].value)
+    return image
+
+
+def build_dicom_results(series_folder: Path, result, model: dict, seg_path=None, pmap_path=None,
+                        overlay_path=None) -> list:
     """The DICOM objects for `result`, built (and the series mapped onto the scan's grid) before anything is
-    written: [(kind, final path, dataset)]. The Segmentation only when there are regions."""
+    written: [(kind, final path, dataset, or for the overlay folder a list of them)]. The Segmentation only
+    when there are regions."""
     if result.heatmap is None:
         raise InputError("DICOM results need the heatmap (drop --no-heatmap)")
     sources = source_datasets(Path(series_folder), result.heatmap)
+    heatmap = sitk.GetArrayFromImage(result.heatmap)
     objects = []
     if pmap_path:
-        heatmap = sitk.GetArrayFromImage(result.heatmap)
         objects.append(("pmap", pmap_path, build_parametric_map(sources, heatmap, model)))
     if seg_path and result.regions:
         labels = sitk.GetArrayFromImage(result.region_labels)
         objects.append(("seg", seg_path, build_segmentation(sources, labels, result.regions, model, result.threshold)))
+    if overlay_path:
+        objects.append(("overlay", overlay_path, build_heatmap_overlay(sources, heatmap, model, result.threshold)))
     return objects
 
 
-def save_dicom_results(objects: list) -> dict:
-    """Write built DICOM objects, all or nothing; returns {"seg": path or None, "pmap": path or None}."""
-    from .io import atomic_files, writing
+OVERLAY_FILE = re.compile(r"overlay_\d{4,}\.dcm")  # the overlay folder's files; nothing else may be replaced
 
-    written = {"seg": None, "pmap": None}
+
+def save_dicom_results(objects: list) -> dict:
+    """Write built DICOM objects, all or nothing; returns {"seg", "pmap", "overlay": path or None}."""
+    from .io import atomic_files
+
+    written = {"seg": None, "pmap": None, "overlay": None}
     with atomic_files() as files:
-        for kind, final, dataset in objects:
-            tmp = files.path(final)
-            with writing(final):
-                dataset.save_as(tmp, enforce_file_format=True)
-            _verify(tmp, final, dataset.SOPInstanceUID)
+        for kind, final, built in objects:
+            if kind == "overlay":
+                folder = files.folder(final, OVERLAY_FILE.fullmatch)
+                for dataset in built:
+                    _save(dataset, folder / f"overlay_{int(dataset.InstanceNumber):04d}.dcm", final)
+            else:
+                _save(built, files.path(final), final)
             written[kind] = Path(final)
         files.commit()
     return written
 
 
-def write_dicom_results(series_folder: Path, result, model: dict, seg_path=None, pmap_path=None) -> dict:
-    """Build and write the Segmentation (only when there are regions) and the Parametric Map of `result`."""
-    return save_dicom_results(build_dicom_results(series_folder, result, model, seg_path, pmap_path))
+def _save(dataset, tmp: Path, final) -> None:
+    from .io import writing
+
+    with writing(final):
+        dataset.save_as(tmp, enforce_file_format=True)
+    _verify(tmp, final, dataset.SOPInstanceUID)
+
+
+def write_dicom_results(series_folder: Path, result, model: dict, seg_path=None, pmap_path=None,
+                        overlay_path=None) -> dict:
+    """Build and write the Segmentation (only when there are regions), the Parametric Map and the overlay
+    series of `result`."""
+    return save_dicom_results(build_dicom_results(series_folder, result, model, seg_path, pmap_path, overlay_path))
 
 
 def _verify(tmp: Path, final, uid: str) -> None:

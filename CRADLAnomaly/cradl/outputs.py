@@ -26,10 +26,13 @@ SUFFIXES = {
     "report": "_anomaly_report.json",
     "seg": "_anomaly_seg.dcm",  # the regions as a DICOM Segmentation (DICOM series inputs)
     "pmap": "_anomaly_pmap.dcm",  # the heatmap as a DICOM Parametric Map (DICOM series inputs)
+    # a folder: the heatmap blended over the scan as a DICOM Secondary Capture series, one RGB file per source
+    # slice, for viewers and PACS that cannot show a Parametric Map (DICOM series inputs)
+    "overlay": "_anomaly_overlay",
 }
 CLI_KINDS = ("heatmap", "report", "png")  # what `cradl detect --out-dir` writes per scan
 SCORES_ONLY = ("report",)  # with --no-heatmap
-DICOM_KINDS = ("seg", "pmap")  # added for a DICOM series input where asked for
+DICOM_KINDS = ("seg", "pmap", "overlay")  # added for a DICOM series input where asked for
 
 
 def output_names(stem: str, kinds) -> dict[str, str]:

@@ -6,7 +6,7 @@ import numpy as np
 import SimpleITK as sitk
 from PIL import Image, ImageDraw
 
-from .colormap import heat_rgb
+from .colormap import heat_over_grey, heat_rgb, heat_scale
 from .io import atomic_path
 from .space import ras_to_lps
 
@@ -20,14 +20,7 @@ def _orient(image: sitk.Image) -> np.ndarray:
 
 
 def _panel(plane: np.ndarray, heat: np.ndarray, aspect: float, threshold: float, vmax: float) -> Image.Image:
-    lo, hi = np.percentile(plane, [1, 99.5])
-    grey = np.clip((plane - lo) / max(hi - lo, 1e-6), 0, 1)
-    rgb = np.repeat(grey[..., None], 3, axis=2)
-    level = np.clip(heat / vmax, 0, 1)
-    colour = heat_rgb(level)
-    alpha = np.where(heat >= threshold, 0.75, np.clip(heat / threshold, 0, 1) * 0.25)[..., None]
-    blended = (1 - alpha) * rgb + alpha * colour
-    picture = Image.fromarray((blended * 255).astype(np.uint8))
+    picture = Image.fromarray(heat_over_grey(plane, heat, threshold, vmax))
     h, w = plane.shape
     scale = PANEL / max(h * aspect, w)
     picture = picture.resize((max(1, int(w * scale)), max(1, int(h * aspect * scale))), Image.BILINEAR)
@@ -47,7 +40,7 @@ def write_quicklook(image: sitk.Image, heatmap: sitk.Image, path, centre_ras=Non
     else:
         z, y, x = np.unravel_index(int(np.argmax(heat)), heat.shape)
     sx, sy, sz = oriented.GetSpacing()
-    vmax = max(float(heat.max()), threshold * 1.5, 1e-6)
+    vmax = heat_scale(heat, threshold)
     panels = [_panel(scan[z], heat[z], sy / sx, threshold, vmax),
               _panel(scan[:, y, :], heat[:, y, :], sz / sx, threshold, vmax),
               _panel(scan[:, :, x], heat[:, :, x], sz / sy, threshold, vmax)]

@@ -4,7 +4,8 @@
 - Each worker process loads the model once (per model file and device) and keeps it for every scan it is given.
 - A scan's outputs are written to temporary names and renamed into place (cradl.io); when they are all
   in place, a completion record (`.cradl-done/<report name>`) is written last, holding the input's
-  signature, the model's digest, the options and every output's size and SHA-256.
+  signature, the model's digest, the options and every output's size and SHA-256 (of a folder output, the
+  DICOM overlay series: of its file names and contents).
 - A rerun skips a scan whose record matches (same input, model and options; every output present and
   unchanged) and redoes any other: never started, killed half-way, an output missing or altered.
 - One failing scan (bad input, a bug, a worker that dies on it) never stops the batch: it becomes a
@@ -43,6 +44,16 @@ def _sha256(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def _fingerprint(path: Path) -> dict:
+    """Size and SHA-256 of an output file; of a folder output, its total size and a SHA-256 over its files'
+    names and digests, so that a missing, extra or altered file changes it."""
+    if not path.is_dir():
+        return {"size": path.stat().st_size, "sha256": _sha256(path)}
+    listing = [[p.name, p.stat().st_size, _sha256(p) if p.is_file() else "not a file"] for p in sorted(path.iterdir())]
+    return {"size": sum(size for _, size, _ in listing),
+            "sha256": hashlib.sha256(json.dumps(listing).encode()).hexdigest()}
+
+
 def input_signature(path: Path) -> str:
     """What identifies an input's content cheaply: size and modification time of the file, or of every
     member of a DICOM folder."""
@@ -78,7 +89,7 @@ def read_valid_record(task: dict) -> dict | None:
                 if final.exists():
                     return None
                 continue
-            if not final.is_file() or final.stat().st_size != stored["size"] or _sha256(final) != stored["sha256"]:
+            if not final.exists() or _fingerprint(final) != stored:  # missing, partial or altered
                 return None
         return record
     except (OSError, ValueError, KeyError, TypeError):
@@ -130,11 +141,11 @@ def detect_scan(task: dict) -> dict:
         t = time.perf_counter()
         out = task["outputs"]
         dicom = None
-        if "seg" in out or "pmap" in out:  # built first: a series that does not map writes nothing
+        if any(kind in out for kind in DICOM_KINDS):  # built first: a series that does not map writes nothing
             from ..dicom_out import build_dicom_results, save_dicom_results
 
             dicom = build_dicom_results(Path(task["input"]), result, detector.model_summary(), out.get("seg"),
-                                        out.get("pmap"))
+                                        out.get("pmap"), out.get("overlay"))
         _clear_leftovers(out.values())
         written = write_outputs(result, {kind: path for kind, path in out.items() if kind not in DICOM_KINDS}, image)
         if dicom is not None:
@@ -176,14 +187,20 @@ def _result_fields(result) -> dict:
 
 
 def _clear_leftovers(finals) -> None:
-    """Temporary files a killed attempt left beside these outputs (cradl.io names them '.STEM-XXXXXXXX.SUFFIX')."""
+    """Temporary files and folders a killed attempt left beside these outputs (cradl.io names them
+    '.STEM-XXXXXXXX.SUFFIX'): a half-written overlay folder, or an earlier one renamed aside."""
+    import shutil
+
     from ..io import temporary_suffix
 
     for final in map(Path, finals):
         stem = final.name.split(".")[0][:64]
         for leftover in final.parent.glob(f".{stem}-{'?' * 8}{temporary_suffix(final.name)}"):
             try:
-                leftover.unlink()
+                if leftover.is_dir() and not leftover.is_symlink():
+                    shutil.rmtree(leftover)
+                else:
+                    leftover.unlink()
             except OSError:
                 pass
 
@@ -194,7 +211,7 @@ def _write_record(task: dict, written: dict, row: dict) -> None:
     outputs = {}
     for kind in task["outputs"]:
         path = written.get(kind)
-        outputs[kind] = None if path is None else {"size": path.stat().st_size, "sha256": _sha256(path)}
+        outputs[kind] = None if path is None else _fingerprint(path)
     record = {"version": RECORD_VERSION, "input": task["input"], "input_signature": task["input_signature"],
               "model_sha256": task["model_sha256"], "options": task["options"], "outputs": outputs, "row": row}
     final = record_path(task["outputs"])

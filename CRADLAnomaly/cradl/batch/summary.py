@@ -14,7 +14,7 @@ SUMMARY_COLUMNS = [
     "n_regions", "top_region_centre_ras", "top_region_volume_mm3", "top_region_peak",
     "t_read_s", "t_align_s", "t_network_s", "t_map_back_s", "t_write_s", "t_total_s",
     "worker", "worker_model_loads", "worker_peak_rss_mib", "model",
-    "report", "heatmap", "png", "seg", "pmap", "error",
+    "report", "heatmap", "png", "seg", "pmap", "overlay", "error",
 ]
 
 

@@ -15,7 +15,8 @@ from urllib.parse import quote
 from .. import __version__
 
 _LINKS = [("report", "report (JSON)"), ("heatmap", "heatmap (NIfTI)"), ("png", "quick-look"),
-          ("seg", "regions (DICOM SEG)"), ("pmap", "heatmap (DICOM parametric map)")]
+          ("seg", "regions (DICOM SEG)"), ("pmap", "heatmap (DICOM parametric map)"),
+          ("overlay", "heatmap overlay (DICOM series folder)")]
 
 _STYLE = """
 body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
@@ -91,7 +92,7 @@ def write_worklist(rows: list[dict], out_dir: Path, title: str = "CRADL triage w
                f"{float(row['top_region_volume_mm3']) / 1000:.1f} cm&sup3;, peak {float(row['top_region_peak']):.2f}"
                if ok and centre else ("none" if ok and row.get("n_regions") == 0 else ""))
         links = " &middot; ".join(f'<a href="{_rel(row[k], out_dir)}">{label}</a>' for k, label in _LINKS
-                                  if ok and row.get(k) and (out_dir / os.path.relpath(row[k], out_dir)).is_file())
+                                  if ok and row.get(k) and (out_dir / os.path.relpath(row[k], out_dir)).exists())
         n_regions = row.get("n_regions")
         body.append(
             f'<tr class="{css}" data-status="{html.escape(row.get("status", ""))}">'

@@ -4,21 +4,24 @@
 
 1. the demo sample (a real held-out IXI T1 head with a painted stroke) is written as a classic MR DICOM
    series (`cradl.dicom_out.write_dicom_series`);
-2. `python -m cradl detect SERIES --report --pmap --seg` runs the bundled model on it: a DICOM
-   Segmentation (regions) and a DICOM Parametric Map (heatmap), both referencing the series;
+2. `python -m cradl detect SERIES --report --pmap --seg --overlay` runs the bundled model on it: a DICOM
+   Segmentation (regions), a DICOM Parametric Map (heatmap) and the heatmap overlay series (the heatmap
+   blended over the scan, one Secondary Capture RGB image per slice), all referencing the series;
 3. dwv (DICOM Web Viewer, pinned below) is installed from npm into a cache folder under work/
    (gitignored; its files are never committed);
 4. index.html (beside this script) loads the series and each object in dwv, served from localhost
    (ES modules and web workers are refused on file:// pages);
 5. headless Chromium (Debian's chromium + chromedriver, driven by Selenium as in
-   Testing/test_worklist.py) waits for dwv to finish, shows the axial slice through each of the two
-   top-ranked regions with the SEG over the series, screenshots the page and prints what dwv made of
+   Testing/test_worklist.py) waits for dwv to finish, shows the axial slice through the top-ranked
+   region with the SEG over the series and, beside it, the same slice of the overlay series, then the
+   slice through the second region with the SEG; screenshots the page and prints what dwv made of
    each object (geometry, value range, errors) and its console warnings. The Parametric Map is
-   loaded but not drawn: dwv 0.36 cannot place its frames (see the README).
+   loaded but not drawn: dwv 0.36 cannot place its frames (see the README); the overlay series is
+   the fallback for such viewers.
 
 Needs npm (or a cache already filled), chromium, chromedriver and selenium; not part of the test suite.
-Exit status: 0 when the series and the SEG are drawn with no dwv error; 1 otherwise (the screenshot is
-still written, with dwv's error shown under the panel).
+Exit status: 0 when the series, the SEG and the overlay series are drawn with no dwv error; 1 otherwise
+(the screenshot is still written, with dwv's error shown under the panel).
 """
 from __future__ import annotations
 
@@ -68,7 +71,7 @@ def install_dwv(cache: Path, version: str) -> Path:
 
 
 def make_results(image: Path, model: Path, work: Path) -> tuple[dict, float]:
-    """The image as a DICOM series, then CRADL's report, SEG and Parametric Map for it."""
+    """The image as a DICOM series, then CRADL's report, SEG, Parametric Map and overlay series for it."""
     import SimpleITK as sitk
     from cradl.dicom_out import write_dicom_series
 
@@ -80,7 +83,7 @@ def make_results(image: Path, model: Path, work: Path) -> tuple[dict, float]:
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "cradl", "detect", str(series), "--model", str(model),
                     "--report", str(data / "report.json"), "--pmap", str(data / "heat.dcm"),
-                    "--seg", str(data / "regions.dcm"), "--quiet"], check=True)
+                    "--seg", str(data / "regions.dcm"), "--overlay", str(data / "overlay"), "--quiet"], check=True)
     detect_s = time.perf_counter() - start
     report = json.loads((data / "report.json").read_text())
     if not report.get("regions") or not (data / "regions.dcm").is_file():
@@ -91,7 +94,7 @@ def make_results(image: Path, model: Path, work: Path) -> tuple[dict, float]:
 def write_manifest(work: Path, report: dict) -> dict:
     """What index.html loads into which panel, and where to look."""
     data = work / "data"
-    regions = report["regions"][:2]  # one panel per region, top-ranked first
+    regions = report["regions"][:2]  # the two top-ranked regions
 
     def lps(region):  # the report's RAS mm; DICOM and dwv use LPS
         x, y, z = region["centre_ras"]
@@ -102,22 +105,35 @@ def write_manifest(work: Path, report: dict) -> dict:
         return (f"RAS ({x:.1f}, {y:.1f}, {z:.1f}) mm, {region['volume_mm3'] / 1000:.1f} ml, "
                 f"peak {region['peak']:.2f}")
 
-    series = sorted(p.relative_to(data).as_posix() for p in (data / "series").iterdir())
+    def files(folder):
+        return sorted(p.relative_to(data).as_posix() for p in (data / folder).iterdir())
+
+    series, overlay = files("series"), files("overlay")
+    top = regions[0]
+    # panels: region 1 with the SEG, region 1 in the overlay series, then each further region with the SEG
+    panels = [{"title": f"axial slice through region {top['rank']}'s centre: MR series + regions.dcm (SEG)",
+               "note": where(top), "focus_lps": lps(top)},
+              {"title": f"the same slice of the overlay series ({len(overlay)} Secondary Capture RGB images)",
+               "note": "heatmap blended over the scan by CRADL, as in its quick-look PNG", "focus_lps": lps(top)}]
+    panels += [{"title": f"axial slice through region {r['rank']}'s centre: MR series + regions.dcm (SEG)",
+                "note": where(r), "focus_lps": lps(r)} for r in regions[1:]]
+    seg_panels = [{"group": i} for i in range(len(panels)) if i != 1]
     manifest = {
         "title": f"IXI033 T1 head with a painted stroke, as an MR series of {len(series)} files + CRADL's DICOM "
-                 f"Segmentation ({report['volume_percentile']:.1f}th percentile, {len(report['regions'])} regions); "
-                 "NOT FOR DIAGNOSTIC USE",
-        "status": "dwv places the SEG on the series by its frames' positions; one segment per region, in dwv's "
-                  "default colours (the SEG recommends none). Radiological display (patient's right on the left). "
-                  "The Parametric Map (heat.dcm) is loaded too but not drawn: dwv 0.36 puts its frames on a 4th "
-                  "axis at the origin, not on the series (see the README).",
-        "panels": [{"title": f"axial slice through region {r['rank']}'s centre: MR series + regions.dcm (SEG)",
-                    "note": where(r), "focus_lps": lps(r)} for r in regions],
+                 f"Segmentation and heatmap overlay series ({report['volume_percentile']:.1f}th percentile, "
+                 f"{len(report['regions'])} regions); NOT FOR DIAGNOSTIC USE",
+        "status": "dwv places the SEG on the series by its frames' positions; one segment per region, in the "
+                  "colours the SEG recommends. The overlay series stacks by its images' positions, copied from "
+                  "the source slices. Radiological display (patient's right on the left). The Parametric Map "
+                  "(heat.dcm) is loaded too but not drawn: dwv 0.36 puts its frames on a 4th axis at the origin, "
+                  "not on the series (see the README); the overlay series is the fallback for such viewers.",
+        "panels": panels,
         # a SEG needs its referenced series loaded first; heat.dcm goes in no panel (see status)
         "loads": [
-            {"name": "series", "files": series, "groups": [{"group": i} for i in range(len(regions))]},
-            {"name": "regions.dcm", "files": ["regions.dcm"], "groups": [{"group": i} for i in range(len(regions))]},
+            {"name": "series", "files": series, "groups": seg_panels},
+            {"name": "regions.dcm", "files": ["regions.dcm"], "groups": seg_panels},
             {"name": "heat.dcm", "files": ["heat.dcm"], "groups": []},
+            {"name": "overlay", "files": overlay, "groups": [{"group": 1}]},
         ],
     }
     (data / "manifest.json").write_text(json.dumps(manifest, indent=1))
@@ -178,7 +194,7 @@ def main(argv=None) -> int:
                         help="series, results and the served folder (default: work/dicom_viewer, gitignored)")
     parser.add_argument("--dwv-cache", type=Path, default=ROOT / "work/dwv_cache",
                         help=f"npm prefix holding dwv {DWV_VERSION} (installed there when missing)")
-    parser.add_argument("--size", default="1400x720", help="page size in pixels, WIDTHxHEIGHT")
+    parser.add_argument("--size", default="1800x720", help="page size in pixels, WIDTHxHEIGHT")
     parser.add_argument("--reuse-results", action="store_true",
                         help="keep the series and results already in --work (skips the detection)")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for dwv")
@@ -194,7 +210,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     modules = install_dwv(args.dwv_cache.resolve(), DWV_VERSION)
     work = args.work.resolve()
-    if args.reuse_results and (work / "data/report.json").is_file():
+    if args.reuse_results and (work / "data/report.json").is_file() and (work / "data/overlay").is_dir():
         report, detect_s = json.loads((work / "data/report.json").read_text()), 0.0
     else:
         report, detect_s = make_results(args.image.resolve(), args.model.resolve(), work)
@@ -234,7 +250,7 @@ def main(argv=None) -> int:
     print(f"detect {detect_s:.1f} s, viewer {view_s:.1f} s, total {time.perf_counter() - start:.1f} s; "
           f"screenshot {args.out}")
     loads = {load["name"]: load for load in state["loads"]}
-    shown = all(loads[name]["loaded"] and loads[name]["drawn"] for name in ("series", "regions.dcm"))
+    shown = all(loads[name]["loaded"] and loads[name]["drawn"] for name in ("series", "regions.dcm", "overlay"))
     ok = shown and not state["errors"]
     return 0 if ok else 1
 
