@@ -17,6 +17,7 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
+from cradl.colormap import region_rgb
 from cradl.dicom_out import (
     DISCLAIMER,
     OVERLAY_FILE,
@@ -71,6 +72,7 @@ def test_the_series_reads_back_on_the_grid_it_was_written_from(series, sample_ca
     assert [int(ds.InstanceNumber) for ds in ordered] == sorted(int(ds.InstanceNumber) for ds in ordered)
 
 
+@pytest.mark.integration
 def test_batch_on_a_dicom_series_writes_a_parametric_map_equal_to_the_nifti_heatmap(series, tiny_model, tmp_path):
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     run = subprocess.run([sys.executable, "-m", "cradl", "detect", str(series), "--out-dir", str(tmp_path),
@@ -134,6 +136,9 @@ def test_regions_round_trip_through_a_dicom_segmentation(series, tiny_detector, 
         description = seg.get_segment_description(number)
         algorithm = description.algorithm_identification[0]
         assert algorithm.AlgorithmName == "cradl-tiny-test" and algorithm.AlgorithmVersion == "0.0.1"
+        # the colour the Slicer segmentation gives the region of that rank, so viewers match the panel
+        shown = hd.color.CIELabColor.from_dicom_value(description.RecommendedDisplayCIELabValue).to_rgb()
+        assert np.allclose(shown, [255 * c for c in region_rgb(number)], atol=2)
     uids = list(sources)
     pixels = seg.get_pixels_by_source_instance(source_sop_instance_uids=uids, ignore_spatial_locations=False,
                                                assert_missing_frames_are_empty=True)

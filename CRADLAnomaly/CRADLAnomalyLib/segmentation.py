@@ -8,18 +8,13 @@ Slicer application and the slicer-core wheel, so this is tested here.
 from __future__ import annotations
 
 import numpy as np
+from cradl.colormap import region_rgb
 
 from . import nodes as N
 from .errors import BridgeError
 from .geometry import ijkToRasArray, arrayToMatrix
 
 MAX_SEGMENTS = 50
-
-# Warm, distinguishable segment colours (first = strongest region).
-_SEGMENT_COLORS = [
-    (0.99, 0.85, 0.22), (0.98, 0.55, 0.04), (0.89, 0.29, 0.20), (0.74, 0.22, 0.33),
-    (0.55, 0.14, 0.42), (0.99, 0.70, 0.50), (0.93, 0.45, 0.53), (0.65, 0.38, 0.75),
-]
 
 
 def rankedRegionLabels(heatmapArray: np.ndarray, threshold: float, minVoxels: int = 1,
@@ -82,7 +77,7 @@ def createSegmentation(scene, inputNode, heatmapNode, threshold: float, minVolum
         segment = segmentation.GetNthSegment(i)
         rank = segment.GetLabelValue() if segment.GetLabelValue() > 0 else i + 1
         segment.SetName(f"Anomaly region {rank}")
-        segment.SetColor(*_SEGMENT_COLORS[(rank - 1) % len(_SEGMENT_COLORS)])
+        segment.SetColor(*region_rgb(rank))
         segment.SetTag("CRADL.Peak", f"{peaks[rank - 1]:.6g}")
     return segmentationNode
 

@@ -52,3 +52,15 @@ def heat_over_grey(values, heat, threshold: float, vmax: float, window=None) -> 
     blended = (1 - alpha) * grey[..., None] + alpha * colour
     return (blended * 255).astype(np.uint8)
 
+
+# Region colours by rank, warm and distinguishable (first = strongest region): the Slicer segmentation and the
+# DICOM Segmentation's recommended display colours.
+REGION_COLORS = (
+    (0.99, 0.85, 0.22), (0.98, 0.55, 0.04), (0.89, 0.29, 0.20), (0.74, 0.22, 0.33),
+    (0.55, 0.14, 0.42), (0.99, 0.70, 0.50), (0.93, 0.45, 0.53), (0.65, 0.38, 0.75),
+)
+
+
+def region_rgb(rank: int) -> tuple:
+    """RGB in [0, 1] of the region of `rank` (1 = strongest); the colours repeat after eight."""
+    return REGION_COLORS[(int(rank) - 1) % len(REGION_COLORS)]

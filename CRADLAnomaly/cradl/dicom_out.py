@@ -27,7 +27,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import __version__
-from .colormap import grey_window, heat_over_grey, heat_scale
+from .colormap import grey_window, heat_over_grey, heat_scale, region_rgb
 from .errors import InputError, OutputError
 
 DISCLAIMER = "NOT FOR DIAGNOSTIC USE"
@@ -98,8 +98,9 @@ def build_segmentation(sources: list, labels: np.ndarray, regions: list, model: 
         segment_number=r.rank, segment_label=f"CRADL region {r.rank} (peak {r.peak:.2f})"[:64],
         segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
         segmented_property_type=codes.SCT.Lesion, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-        algorithm_identification=algorithm, tracking_id=f"CRADL region {r.rank}",
-        tracking_uid=hd.UID()) for r in regions]
+        algorithm_identification=algorithm, tracking_id=f"CRADL region {r.rank}", tracking_uid=hd.UID(),
+        display_color=hd.color.CIELabColor.from_rgb(*(round(255 * c) for c in region_rgb(r.rank))))
+        for r in regions]
     pixels = np.stack([labels == r.rank for r in regions], axis=-1).astype(np.uint8)
     seg = hd.seg.Segmentation(
         source_images=sources, pixel_array=pixels, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
@@ -255,7 +256,7 @@ def _verify(tmp: Path, final, uid: str) -> None:
 
 
 def write_dicom_series(image: sitk.Image, folder: Path, patient_id: str = "CRADL-TEST",
-                       description: str = "synthetic T1") -> Path:
+                       description: str = "synthetic T1", patient_name: str = "Test^Synthetic") -> Path:
     """Write `image` as a classic single-frame MR Image Storage series (int16) in `folder`."""
     import pydicom
     from pydicom.dataset import FileMetaDataset
@@ -280,13 +281,13 @@ def write_dicom_series(image: sitk.Image, folder: Path, patient_id: str = "CRADL
         ds = pydicom.Dataset()
         ds.file_meta = meta
         ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, meta.MediaStorageSOPInstanceUID
-        ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "Test^Synthetic", patient_id, "", "O"
+        ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = patient_name, patient_id, "", "O"
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
         ds.StudyDate = ds.SeriesDate = ds.ContentDate = today
         ds.StudyTime = ds.SeriesTime = ds.ContentTime = "120000"
         ds.StudyID, ds.AccessionNumber, ds.ReferringPhysicianName = "1", "", ""
         ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "MR", 1, k + 1
-        ds.SeriesDescription, ds.Manufacturer = description, "CRADL test data"
+        ds.SeriesDescription, ds.Manufacturer = description, "written by cradl.dicom_out.write_dicom_series"
         ds.ImageType = ["ORIGINAL", "PRIMARY", "OTHER"]
         ds.ScanningSequence, ds.SequenceVariant, ds.ScanOptions, ds.MRAcquisitionType = "GR", "NONE", "", "3D"
         ds.EchoTrainLength = 1

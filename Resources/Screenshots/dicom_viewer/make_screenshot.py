@@ -79,7 +79,7 @@ def make_results(image: Path, model: Path, work: Path) -> tuple[dict, float]:
     if data.exists():
         shutil.rmtree(data)
     series = write_dicom_series(sitk.ReadImage(str(image)), data / "series", patient_id="IXI033",
-                                description=f"{image.name} as DICOM")
+                                patient_name="IXI033^Demo", description=f"{image.name} as DICOM")
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "cradl", "detect", str(series), "--model", str(model),
                     "--report", str(data / "report.json"), "--pmap", str(data / "heat.dcm"),
