@@ -5,7 +5,8 @@ import dataclasses
 import logging
 
 from cradl.space import ReferenceSpace
-from cradl.train.trainer import TrainConfig, find_scans, prepare_all
+from cradl.io import find_scans
+from cradl.train.trainer import TrainConfig, prepare_all
 
 
 def test_prepared_scan_cache_is_reused_only_for_the_same_preparation(normal_cohort, tmp_path, caplog):

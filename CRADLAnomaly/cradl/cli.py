@@ -15,7 +15,8 @@ import traceback
 from pathlib import Path
 
 from .errors import CradlError, InputError, OutputError, one_line, scan_failure
-from .io import IMAGE_SUFFIXES, check_output_folder, check_output_path, is_image_path, read_image, stderr_lock, writing
+from .io import (IMAGE_SUFFIXES, check_output_folder, check_output_path, find_scans, is_image_path, read_image,
+                 stderr_lock, writing)
 from .outputs import (CLI_KINDS, SCORES_ONLY, SUFFIXES, batch_plan, model_path, output_names, protected_files,
                       refuse_clashes, write_outputs)
 
@@ -211,8 +212,8 @@ def _detect_single(args, path: Path, protected) -> int:
         else:
             check_output_path(out)
     refuse_clashes(outputs, protected)
+    image = read_image(path)  # before the model: a file that cannot be read is refused at once
     detector, mask = _detector_and_mask(args)
-    image = read_image(path)
     result = _detect_one(detector, path, image, mask, args, progress=not args.quiet)
     if dicom_outputs:  # built before anything is written: a series that does not map refuses early
         from .dicom_out import build_dicom_results, save_dicom_results
@@ -325,22 +326,17 @@ def _check_bundle_out(path: str) -> None:
     check_output_path(path)
 
 
-def _normal_scans(folders) -> list[Path]:
-    from .train.trainer import find_scans
-
-    return find_scans(folders)
-
-
 def _check_resume_files(out: Path) -> None:
     """A resume checkpoint or preparation cache that is not ours (a planted pickle, a damaged file) is
     refused with one line; torch.load(weights_only=True) never runs a pickle's payload."""
     import zipfile
 
     import numpy as np
-    import torch
 
     checkpoint = out.with_suffix(".ckpt")
     if checkpoint.exists():
+        import torch
+
         try:
             state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - any failure means the same to the user
@@ -415,11 +411,12 @@ def _train_config(args):
 
 
 def run_train(args) -> int:
-    from .train.trainer import train_model
-
+    # Every check before the trainer (and torch) is imported: a wrong option is refused at once
+    if args.nproc < 1:
+        raise CradlError("--nproc must be at least 1")
     _check_bundle_out(args.out)
     out = Path(args.out)
-    protected = protected_files([("normal scan", p) for p in _normal_scans(args.normal)])
+    protected = protected_files([("normal scan", p) for p in find_scans(args.normal)])
     outputs = [("--out", out), ("checkpoint", out.with_suffix(".ckpt")), ("cache", out.with_suffix(".prep.npz"))]
     if args.log:
         check_output_path(args.log)
@@ -435,14 +432,14 @@ def run_train(args) -> int:
     config = _train_config(args)
     from .train.distributed import train_distributed, under_torchrun
 
-    if args.nproc < 1:
-        raise CradlError("--nproc must be at least 1")
     if args.nproc > 1 or under_torchrun():
         out = train_distributed(args.normal, args.out, config, nproc=args.nproc, device=args.device,
                                 resume=not args.no_resume, progress=not args.quiet)
         if under_torchrun() and os.environ.get("RANK") != "0":
             return EXIT_OK
     else:
+        from .train.trainer import train_model
+
         out = train_model(args.normal, args.out, config, device=args.device, resume=not args.no_resume,
                           progress=not args.quiet)
     print(f"wrote {out}")
@@ -468,10 +465,8 @@ def _add_calibrate(sub):
 
 
 def run_calibrate(args) -> int:
-    from .train.trainer import recalibrate_model
-
     _check_bundle_out(args.out)
-    protected = protected_files([("normal scan", p) for p in _normal_scans(args.normal)]
+    protected = protected_files([("normal scan", p) for p in find_scans(args.normal)]
                                 + [("--model", model_path(args.model))])
     refuse_clashes([("--out", Path(args.out))], protected)
     overrides = None
@@ -481,6 +476,8 @@ def run_calibrate(args) -> int:
         overrides = {"gaussian_sigma_px": args.smoothing[0], "gaussian_sigma_z_px": args.smoothing[1]}
     if args.false_alarm_quantile is not None and not 0 < args.false_alarm_quantile <= 1:
         raise CradlError("--false-alarm-quantile must be in (0, 1]")
+    from .train.trainer import recalibrate_model
+
     out = recalibrate_model(args.model, args.normal, args.out, overrides, args.false_alarm_quantile, args.version,
                             device=args.device, progress=not args.quiet)
     print(f"wrote {out}")

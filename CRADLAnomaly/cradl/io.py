@@ -54,6 +54,18 @@ def is_image_path(path: Path) -> bool:
     return path.is_file() and name.endswith(IMAGE_SUFFIXES)
 
 
+def find_scans(folders) -> list[Path]:
+    """Image files (and DICOM series folders) directly inside the given folders, sorted."""
+    scans = []
+    for folder in map(Path, folders):
+        if not folder.is_dir():
+            raise InputError(f"normal-scan folder not found: {folder}")
+        found = sorted(p for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES))
+        found += sorted(p for p in folder.iterdir() if p.is_dir() and any(p.glob("*.dcm")))
+        scans += found
+    return scans
+
+
 def scan_stem(path: str | os.PathLike) -> str:
     """A scan's name without its image suffix ('sub-01_T1w.nii.gz' -> 'sub-01_T1w'); a DICOM series folder keeps
     its name. The one stem of a scan for every output name (CLI batch and the Slicer module)."""

@@ -35,10 +35,11 @@ from ..calibration import aggregate
 from ..detector import AnomalyDetector
 from ..encoder import ProjectionHead, SliceEncoder
 from ..gmm import GaussianMixtureNLL
+from ..io import find_scans
 from ..localize import postprocess_saliency
 from ..preprocess import PreparedScan
-from ..train.trainer import (TrainConfig, calibrate, calibrate_heatmaps, config_from_manifest, encode, find_scans,
-                             fit_mixture, prepare_all, select_mixture, slice_statistics, split_scans, train_simclr)
+from ..train.trainer import (TrainConfig, calibrate, calibrate_heatmaps, config_from_manifest, encode, fit_mixture,
+                             prepare_all, select_mixture, slice_statistics, split_scans, train_simclr)
 
 log = logging.getLogger("cradl.evaluate")
 

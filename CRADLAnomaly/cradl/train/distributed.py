@@ -60,7 +60,8 @@ def _free_port() -> int:
 def train_distributed(normal_dirs, out, config, nproc: int = 2, device: str = "auto", resume: bool = True,
                       progress: bool = True) -> Path:
     """Train like `train_model`, with the SimCLR stage on `nproc` DDP processes; returns `out`."""
-    from .trainer import find_scans, split_scans
+    from ..io import find_scans
+    from .trainer import split_scans
 
     out = Path(out)
     if not out.parent.is_dir():
@@ -132,7 +133,8 @@ def _rank_main(rank, world, init, normal_dirs, out, config, device, resume, prog
     from ..detector import resolve_device
     from ..encoder import ProjectionHead, SliceEncoder
     from ..space import ReferenceSpace
-    from .trainer import find_scans, prepare_all, split_scans, train_model
+    from ..io import find_scans
+    from .trainer import prepare_all, split_scans, train_model
 
     started = time.perf_counter()
     dev = resolve_device(device)

@@ -23,7 +23,7 @@ from ..detector import resolve_device
 from ..encoder import ProjectionHead, SliceEncoder
 from ..errors import CradlError, InputError
 from ..gmm import GaussianMixtureNLL
-from ..io import IMAGE_SUFFIXES, atomic_path, read_image
+from ..io import atomic_path, find_scans, read_image
 from ..localize import scan_heatmap, score_slices
 from ..manifest import DEFAULT_LOCALIZATION, ModelManifest
 from ..preprocess import DEFAULT_NORMALISATION, PreparedScan, prepare_scan
@@ -65,18 +65,6 @@ class TrainConfig:
     name: str = "cradl-model"
     version: str = "1.0.0"
     description: str = ""
-
-
-def find_scans(folders) -> list[Path]:
-    """Image files (and DICOM series folders) directly inside the given folders, sorted."""
-    scans = []
-    for folder in map(Path, folders):
-        if not folder.is_dir():
-            raise InputError(f"normal-scan folder not found: {folder}")
-        found = sorted(p for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES))
-        found += sorted(p for p in folder.iterdir() if p.is_dir() and any(p.glob("*.dcm")))
-        scans += found
-    return scans
 
 
 def split_scans(n: int, config: TrainConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
