@@ -7,13 +7,19 @@ from __future__ import annotations
 
 import locale
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from filelock import FileLock
 
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# Under pytest-xdist (`-n 2`) each worker process gets one core's share of threads, for torch and ITK alike
+# (subprocesses inherit them), so that two workers do not fight over two cores.
+_THREADS = "1" if os.environ.get("PYTEST_XDIST_WORKER") else "2"
+os.environ.setdefault("OMP_NUM_THREADS", _THREADS)
+os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", _THREADS)
 
 
 @pytest.fixture(autouse=True)
@@ -25,10 +31,38 @@ def _keep_the_locale():
     if locale.setlocale(locale.LC_ALL) != saved:
         locale.setlocale(locale.LC_ALL, saved)
 
+
+@pytest.hookimpl(trylast=True)  # after -m has deselected: the first file must be one that runs
+def pytest_collection_modifyitems(config, items):
+    """With pytest-xdist (`-n 2 --dist loadfile`) whole files go to the workers in collection order. Put first
+    one file that needs the tiny model (its worker trains it, about a minute), then every file that does not,
+    then the rest: the other worker runs the model-free files meanwhile instead of waiting for the model."""
+    needs = {}
+    for item in items:
+        needs[item.path] = needs.get(item.path, False) or "tiny_model" in item.fixturenames
+    first = next((path for path, needed in needs.items() if needed), None)
+    items.sort(key=lambda item: 0 if item.path == first else (2 if needs[item.path] else 1))  # stable sort
+
+
 TINY_RECIPE = dict(slice_size=64, spacing_mm=3.0, width=12, feature_dim=32, grid=4, geometry="light",
                    projection_dim=32, epochs=6,
                    batch_size=64, learning_rate=3e-3, gmm_components=(1, 2), min_region_mm3=200.0,
                    name="cradl-tiny-test", version="0.0.1", description="tiny model trained by the test suite")
+
+
+def made_once(tmp_path_factory, name: str, make) -> Path:
+    """The folder `name`, filled by `make(folder)` once per test run: under pytest-xdist the first worker
+    to ask makes it (the others wait for it) in the folder all workers of the run share."""
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    folder, done = root / name, root / f"{name}.done"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)  # what a failed attempt left
+            folder.mkdir()
+            make(folder)
+            done.touch()
+    return folder
 
 
 @pytest.fixture(scope="session")
@@ -36,9 +70,8 @@ def normal_cohort(tmp_path_factory) -> Path:
     """Ten synthetic normal brains (written by the project's generator)."""
     from cradl.synthetic.sets import generate_normal_cohort
 
-    folder = tmp_path_factory.mktemp("normals")
-    generate_normal_cohort(folder, n=10, seed=11, progress=False)
-    return folder
+    return made_once(tmp_path_factory, "normals",
+                     lambda folder: generate_normal_cohort(folder, n=10, seed=11, progress=False))
 
 
 @pytest.fixture(scope="session")
@@ -46,8 +79,10 @@ def tiny_model(normal_cohort, tmp_path_factory) -> Path:
     """Path to a tiny CRADL bundle trained on `normal_cohort`."""
     from cradl.train.trainer import TrainConfig, train_model
 
-    out = tmp_path_factory.mktemp("model") / "tiny.cradl"
-    return train_model([normal_cohort], out, TrainConfig(**TINY_RECIPE), device="cpu", resume=False)
+    def train(folder):
+        train_model([normal_cohort], folder / "tiny.cradl", TrainConfig(**TINY_RECIPE), device="cpu", resume=False)
+
+    return made_once(tmp_path_factory, "model", train) / "tiny.cradl"
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+pytestmark = pytest.mark.integration  # a real cluster / process group: CI runs it with -m integration
+
 
 def cradl(*args):
     env = dict(os.environ, PYTHONWARNINGS="ignore")

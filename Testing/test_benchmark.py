@@ -34,6 +34,7 @@ def _in_unit(value):
     return value is None or (isinstance(value, float) and (math.isnan(value) or 0.0 <= value <= 1.0))
 
 
+@pytest.mark.integration
 def test_small_benchmark_writes_every_method_and_metric(small_run):
     out, results = small_run
     on_disk = json.loads((out / "results.json").read_text())
@@ -72,12 +73,14 @@ def test_small_benchmark_writes_every_method_and_metric(small_run):
     assert on_disk["meta"]["timings_s"]["evaluate"] > 0
 
 
+@pytest.mark.integration
 def test_a_quiet_benchmark_shows_no_progress_bars(small_run):
     out, _ = small_run
     console = (out / "console.txt").read_text()
     assert "it/s" not in console and "calibrating" not in console and "epoch" not in console.lower()
 
 
+@pytest.mark.integration
 def test_evaluate_command(small_run, tiny_model, tmp_path, capsys):
     out, _ = small_run
     # a two-case subset of the benchmark's test set (one clean, one abnormal), images referenced by absolute path

@@ -21,11 +21,8 @@ from CRADLAnomalyLib.sample import resampleOblique  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def detector(request):
-    try:
-        return request.getfixturevalue("tiny_detector")
-    except pytest.FixtureLookupError:
-        pytest.skip("the core's tiny_detector fixture is not available")
+def detector(tiny_detector):
+    return tiny_detector
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +93,7 @@ def test_detect_volume_node_end_to_end(detector, case, tmp_path):
         assert rgb.shape == (220, 220, 3) and rgb.max() > 0
 
 
+@pytest.mark.integration
 def test_process_files_batch(detector, case, tmp_path):
     image, _ = case
     scans = tmp_path / "scans"

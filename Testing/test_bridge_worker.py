@@ -45,6 +45,7 @@ def _sceneIds(scene):
     return [scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())]
 
 
+@pytest.mark.integration
 def test_detection_runs_in_a_worker_and_the_scene_changes_only_at_the_end(scene_with_scan):
     scene, node = scene_with_scan
     before = _sceneIds(scene)
@@ -106,6 +107,7 @@ def test_model_details_are_read_without_torch_in_this_process():
     assert info["name"] and info["version"]
 
 
+@pytest.mark.integration
 def test_input_removed_during_detection_is_a_clear_error(scene_with_scan):
     scene, node = scene_with_scan
     task = pipeline.SceneDetection(scene, node, device="cpu")

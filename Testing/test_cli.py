@@ -138,6 +138,7 @@ def test_help_explains_every_subcommand():
         assert cradl(command, "--help").returncode == 0
 
 
+@pytest.mark.integration
 def test_batch_mode_carries_on_past_a_bad_scan_and_reports_it(tiny_model, sample_case, tmp_path):
     inputs = tmp_path / "scans"
     inputs.mkdir()
@@ -172,6 +173,7 @@ def _folder_of(paths, folder):
     return folder
 
 
+@pytest.mark.integration
 def test_calibrate_rederives_normal_statistics_and_keeps_the_weights(tiny_model, normal_cohort, tmp_path):
     from cradl.bundle import load_bundle
 
@@ -198,6 +200,7 @@ def test_calibrate_refuses_too_few_scans_without_writing(tiny_model, normal_coho
     assert run.returncode == 2 and "at least 4" in run.stderr and not out.exists()
 
 
+@pytest.mark.integration
 def test_quiet_training_keeps_the_console_clean_and_the_log_complete(normal_cohort, tmp_path):
     normals = _folder_of(sorted(normal_cohort.glob("normal_*.nii.gz"))[:6], tmp_path / "normals")
     out, log = tmp_path / "m.cradl", tmp_path / "train.log"

@@ -124,6 +124,7 @@ def test_batch_names_cannot_collide_with_each_other_or_with_inputs(tmp_path):
     assert plan[2]["report"].name == "scan_2_anomaly_report.json"
 
 
+@pytest.mark.integration
 def test_batch_over_its_own_output_folder_keeps_every_input(tiny_model, sample_case, tmp_path):
     """Item 1 (batch): `detect o --out-dir o` where o holds a.nii.gz and a_anomaly_heatmap.nii.gz."""
     o = tmp_path / "o"
@@ -190,6 +191,7 @@ def test_a_full_disk_leaves_no_file_and_exits_2_with_one_line(tiny_model, sample
     assert list(out.iterdir()) == []
 
 
+@pytest.mark.integration
 def test_a_full_disk_in_batch_mode_reports_each_scan_and_goes_on(tiny_model, sample_case, tmp_path):
     inputs = tmp_path / "in"
     inputs.mkdir()

@@ -66,7 +66,9 @@ def test_report_holds_the_contracted_fields(abnormal_result):
 
 
 def test_detection_repeats(tiny_detector, sample_case, abnormal_result):
-    """Seeded SmoothGrad and registration sampling; ITK's multi-threaded metric sums still move scores by ~1e-6."""
+    """Seeded SmoothGrad and registration sampling. ITK's multi-threaded registration metric adds its threads'
+    parts in a varying order, which moves scores by ~1e-6 here (1e-3 on a 1 mm head); one registration
+    thread would make it exact, at 3 s more per 1 mm head (README, "Speed and memory")."""
     again = tiny_detector.detect(sample_case[0])
     assert again.volume_score == pytest.approx(abnormal_result.volume_score, rel=1e-4)
     np.testing.assert_allclose(sitk.GetArrayViewFromImage(again.heatmap),

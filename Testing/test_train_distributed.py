@@ -11,6 +11,8 @@ import pytest
 import torch
 from conftest import TINY_RECIPE
 
+pytestmark = pytest.mark.integration  # a real cluster / process group: CI runs it with -m integration
+
 
 def train(cohort, out, *extra):
     r = TINY_RECIPE
