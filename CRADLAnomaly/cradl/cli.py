@@ -191,9 +191,9 @@ def _check_dicom_options(args, batch: bool, first: Path) -> None:
 
 
 def _detector_and_mask(args):
+    mask = read_image(args.mask, what="brain mask") if args.mask else None  # before torch: a bad mask fails at once
     from .detector import AnomalyDetector
 
-    mask = read_image(args.mask, what="brain mask") if args.mask else None
     return AnomalyDetector.load(args.model, device=args.device), mask
 
 
