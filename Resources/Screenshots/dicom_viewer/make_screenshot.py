@@ -93,12 +93,13 @@ def make_results(image: Path, model: Path, work: Path) -> tuple[dict, float]:
 
 def write_manifest(work: Path, report: dict) -> dict:
     """What index.html loads into which panel, and where to look."""
+    from cradl.space import ras_to_lps
+
     data = work / "data"
     regions = report["regions"][:2]  # the two top-ranked regions
 
     def lps(region):  # the report's RAS mm; DICOM and dwv use LPS
-        x, y, z = region["centre_ras"]
-        return [-x, -y, z]
+        return ras_to_lps(region["centre_ras"]).tolist()
 
     def where(region):
         x, y, z = region["centre_ras"]
