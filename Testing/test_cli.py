@@ -180,7 +180,7 @@ def test_calibrate_rederives_normal_statistics_and_keeps_the_weights(tiny_model,
     normals = _folder_of(sorted(normal_cohort.glob("normal_*.nii.gz"))[:4], tmp_path / "site_normals")
     out = tmp_path / "site.cradl"
     run = cradl("calibrate", "--model", tiny_model, "--normal", normals, "--out", out, "--smoothing", "2", "1",
-                "--quiet")
+                "--slice-weighting", "0", "--quiet")
     assert run.returncode == 0, run.stderr
     assert "aligning" not in run.stderr and "calibrating" not in run.stderr  # --quiet: no progress bars
     before, after = load_bundle(tiny_model), load_bundle(out)
@@ -188,6 +188,7 @@ def test_calibrate_rederives_normal_statistics_and_keeps_the_weights(tiny_model,
     assert torch.equal(before.encoder(x), after.encoder(x))
     assert after.manifest.localization["gaussian_sigma_px"] == 2.0
     assert after.manifest.localization["gaussian_sigma_z_px"] == 1.0
+    assert after.manifest.localization["slice_weight_z_scale"] == 0.0
     assert after.manifest.calibration["n_scans"] == 2
     assert after.manifest.calibration["heatmap_scale"] != before.manifest.calibration["heatmap_scale"]
     assert after.manifest.recalibrations[-1]["n_scans"] == 4

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 from sklearn.metrics import average_precision_score
 
-from cradl.localize import postprocess_saliency
+from cradl.localize import postprocess_saliency, slice_weights
 from cradl.manifest import DEFAULT_LOCALIZATION, complete_localization
 
 
@@ -47,3 +47,15 @@ def test_bundles_written_before_cross_slice_smoothing_keep_their_heatmaps():
     in_plane_only = dict(DEFAULT_LOCALIZATION, gaussian_sigma_z_px=0.0)
     np.testing.assert_array_equal(postprocess_saliency(saliency, mask, old, np.arange(6)),
                                   postprocess_saliency(saliency, mask, in_plane_only, np.arange(6)))
+
+
+def test_slice_weighting_keeps_unusual_slices_and_fades_typical_ones():
+    z = np.array([-9.0, -2.0, 0.0, 2.0, 4.0, 9.0])
+    weights = slice_weights(z, dict(DEFAULT_LOCALIZATION, slice_weight_z_scale=2.0))
+    np.testing.assert_allclose(weights, np.exp(np.array([-5.0, -2.0, 0.0, 2.0, 4.0, 5.0]) / 2), rtol=1e-6)
+    assert np.all(np.diff(weights) > 0)  # the more unusual the slice, the more of its heatmap is kept
+
+
+def test_bundles_written_before_slice_weighting_keep_their_heatmaps():
+    old = complete_localization({k: v for k, v in DEFAULT_LOCALIZATION.items() if k != "slice_weight_z_scale"})
+    assert np.array_equal(slice_weights(np.array([-3.0, 0.0, 7.0]), old), np.ones(3))

@@ -152,6 +152,7 @@ def test_real_commands_name_missing_data_in_one_line(tmp_path):
     import sys
 
     for argv in (["real-set", "--out", str(tmp_path / "set")], ["train-real", "--out", str(tmp_path / "m.cradl")],
+                 ["calibrate-real", "--out", str(tmp_path / "m.cradl")],
                  ["benchmark-real", "--set", str(tmp_path), "--out-dir", str(tmp_path / "b")]):
         run = subprocess.run([sys.executable, "-m", "cradl", *argv, "--data", str(tmp_path / "nowhere")],
                              capture_output=True, text=True, timeout=120)

@@ -28,7 +28,7 @@ def test_heatmaps_do_not_depend_on_the_chunk_size(tiny_detector, sample_case):
     prepared = tiny_detector.prepare(read_image(sample_case[0]))
     idx = prepared.slice_indices
     args = (prepared.volume, prepared.mask, idx, tiny_detector.encoder, tiny_detector.gmm,
-            tiny_detector.localization, tiny_detector.device)
+            tiny_detector.localization, tiny_detector.device, tiny_detector.calibration)
     whole_nll, whole = scan_heatmap(*args, batch_size=len(idx))
     chunked_nll, chunked = scan_heatmap(*args, batch_size=3)
     np.testing.assert_allclose(chunked_nll, whole_nll, rtol=1e-4, atol=1e-3)

@@ -307,6 +307,8 @@ def _validate_localization(localization: dict) -> None:
         _number(localization.get("gaussian_sigma_px"), "localization.gaussian_sigma_px", 0.0, 50.0)
         if "gaussian_sigma_z_px" in localization:
             _number(localization["gaussian_sigma_z_px"], "localization.gaussian_sigma_z_px", 0.0, 50.0)
+        if "slice_weight_z_scale" in localization:
+            _number(localization["slice_weight_z_scale"], "localization.slice_weight_z_scale", 0.0, 100.0)
         if "seed" in localization:
             _integer(localization["seed"], "localization.seed", 0, 2**32 - 1)
     check_loose(localization, "localization")

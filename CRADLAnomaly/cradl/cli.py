@@ -453,8 +453,7 @@ def _add_calibrate(sub):
                        "model was not trained on (at least 4; e.g. your scanner's), and writes a new bundle.")
     _add_normals_and_bundle_out(p)
     p.add_argument("--model", help="model bundle to start from; default: the bundled model")
-    p.add_argument("--smoothing", type=float, nargs=2, metavar=("IN_PLANE_PX", "ACROSS_SLICES_PX"),
-                   help="Gaussian sigmas of the heatmap post-processing; default: the model's")
+    add_heatmap_options(p)
     p.add_argument("--false-alarm-quantile", type=float,
                    help="quantile, over the normal scans, of the heatmap level a region needs to be shown "
                    "(higher: fewer false regions, fewer detections); default: the model's")
@@ -464,16 +463,34 @@ def _add_calibrate(sub):
     p.set_defaults(run=run_calibrate)
 
 
+def add_heatmap_options(p) -> None:
+    """The heatmap settings a recalibration may change (calibrate, calibrate-real)."""
+    p.add_argument("--smoothing", type=float, nargs=2, metavar=("IN_PLANE_PX", "ACROSS_SLICES_PX"),
+                   help="Gaussian sigmas of the heatmap post-processing; default: the model's")
+    p.add_argument("--slice-weighting", type=float, metavar="Z_SCALE",
+                   help="weight each slice's heatmap by exp(z / Z_SCALE) of its score's z-score; 0 turns it off; "
+                   "default: the model's")
+
+
+def heatmap_overrides(args) -> dict | None:
+    overrides = {}
+    if args.smoothing:
+        if min(args.smoothing) < 0:
+            raise CradlError("--smoothing sigmas must be zero or positive")
+        overrides.update(gaussian_sigma_px=args.smoothing[0], gaussian_sigma_z_px=args.smoothing[1])
+    if args.slice_weighting is not None:
+        if args.slice_weighting < 0:
+            raise CradlError("--slice-weighting must be zero or positive")
+        overrides["slice_weight_z_scale"] = args.slice_weighting
+    return overrides or None
+
+
 def run_calibrate(args) -> int:
     _check_bundle_out(args.out)
     protected = protected_files([("normal scan", p) for p in find_scans(args.normal)]
                                 + [("--model", model_path(args.model))])
     refuse_clashes([("--out", Path(args.out))], protected)
-    overrides = None
-    if args.smoothing:
-        if min(args.smoothing) < 0:
-            raise CradlError("--smoothing sigmas must be zero or positive")
-        overrides = {"gaussian_sigma_px": args.smoothing[0], "gaussian_sigma_z_px": args.smoothing[1]}
+    overrides = heatmap_overrides(args)
     if args.false_alarm_quantile is not None and not 0 < args.false_alarm_quantile <= 1:
         raise CradlError("--false-alarm-quantile must be in (0, 1]")
     from .train.trainer import recalibrate_model

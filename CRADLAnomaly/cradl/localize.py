@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from .calibration import slice_z_scores
 from .encoder import SliceEncoder
 from .gmm import GaussianMixtureNLL
 
@@ -87,10 +88,30 @@ def postprocess_saliency(saliency: np.ndarray, mask: np.ndarray, config: dict,
     return (heat * mask).astype(np.float32)
 
 
+def slice_weights(z_scores: np.ndarray, config: dict) -> np.ndarray:
+    """How much of each slice's heatmap is kept: exp(z / slice_weight_z_scale) of the slice's NLL z-score
+    (clipped to +-5), or 1 everywhere when the scale is 0.
+
+    The gradient is large wherever the encoder looks hardest, in typical and unusual slices alike; the
+    slice's z-score says whether the slice as a whole is unusual for its position. Weighting by it fades
+    the heatmap of typical slices and keeps that of unusual ones (measured: README, "Detection quality").
+    """
+    scale = float(config.get("slice_weight_z_scale", 0.0))
+    if scale <= 0:
+        return np.ones(len(z_scores), np.float32)
+    return np.exp(np.clip(z_scores, -5.0, 5.0) / scale).astype(np.float32)
+
+
 def scan_heatmap(volume: np.ndarray, mask: np.ndarray, indices: np.ndarray, encoder: SliceEncoder,
-                 gmm: GaussianMixtureNLL, config: dict, device: torch.device, batch_size: int = 16,
-                 progress: Callable[[float], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Slice NLLs (N,) and the post-processed heatmap (N, S, S) of a reference-grid scan's slices at `indices`."""
+                 gmm: GaussianMixtureNLL, config: dict, device: torch.device, slice_stats: dict,
+                 batch_size: int = 16, progress: Callable[[float], None] | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Slice NLLs (N,) and the post-processed heatmap (N, S, S) of a reference-grid scan's slices at `indices`.
+
+    `slice_stats`: the per-position slice NLL mean and spread of normal scans (a model's calibration), which
+    the slice weighting reads."""
     nll, saliency = score_and_saliency(volume[indices], indices, encoder, gmm, config, device, batch_size, progress)
-    return nll, postprocess_saliency(saliency, mask[indices], config, indices)
+    heat = postprocess_saliency(saliency, mask[indices], config, indices)
+    weights = slice_weights(slice_z_scores(nll, indices, slice_stats), config)
+    return nll, heat * weights[:, None, None]
 

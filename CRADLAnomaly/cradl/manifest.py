@@ -11,10 +11,11 @@ from dataclasses import dataclass, field
 from .space import ReferenceGrid
 
 DEFAULT_LOCALIZATION = {"smoothgrad_samples": 4, "noise_std": 0.05, "median_size": 5,
-                        "gaussian_sigma_px": 3.0, "gaussian_sigma_z_px": 3.0, "seed": 0}
+                        "gaussian_sigma_px": 3.0, "gaussian_sigma_z_px": 6.0, "slice_weight_z_scale": 2.0,
+                        "seed": 0}
 # What detection used before these settings were recorded: bundles that lack them keep that behaviour.
 # (Recalibrating an older bundle upgrades it to today's defaults instead: `train.trainer.recalibrate_model`.)
-LEGACY_LOCALIZATION = {"gaussian_sigma_z_px": 0.0, "seed": 0}
+LEGACY_LOCALIZATION = {"gaussian_sigma_z_px": 0.0, "slice_weight_z_scale": 0.0, "seed": 0}
 
 
 @dataclass(frozen=True)

@@ -75,9 +75,22 @@ def register_real(sub) -> None:
     p.add_argument("--out", required=True, help="model bundle to write")
     p.add_argument("--epochs", type=int, default=10, help="SimCLR epochs (the bundled model: 10)")
     p.add_argument("--name", default="cradl-default")
-    p.add_argument("--version", default="2.0.0")
+    p.add_argument("--version", default="2.1.0")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.set_defaults(run=run_train_real)
+
+    from ..cli import add_heatmap_options
+
+    p = sub.add_parser("calibrate-real", parents=[common], help="recalibrate a model on the real split",
+                       description="Re-derive a model's normal statistics (after changing its heatmap settings) on "
+                       "the IXI validation and calibration subjects of the recorded split, as `train-real` does; "
+                       "the weights stay, the test subjects are never used.")
+    p.add_argument("--model", help="model bundle (default: the bundled model)")
+    p.add_argument("--out", required=True, help="model bundle to write")
+    add_heatmap_options(p)
+    p.add_argument("--version", help="version of the new bundle; default: the model's")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.set_defaults(run=run_calibrate_real)
 
     p = sub.add_parser("benchmark-real", parents=[common], help="score a model and the baselines on the real-data set",
                        description="Retrains the intensity z-score and VAE baselines on the real training split, "
@@ -120,6 +133,19 @@ def run_train_real(args) -> int:
     config = TrainConfig(epochs=args.epochs, name=args.name, version=args.version,
                          description="CRADL trained on real healthy adults' T1 heads (IXI), brain-extracted")
     print(f"wrote {train_on_ixi(args.out, config, args.work, args.data, args.device, progress=not args.quiet)}")
+    return 0
+
+
+def run_calibrate_real(args) -> int:
+    from ..cli import heatmap_overrides
+    from ..train.real import recalibrate_on_ixi
+
+    _require_real_data(args)
+    if not Path(args.out).resolve().parent.is_dir():
+        raise CradlError(f"cannot write {args.out}: its folder does not exist")
+    out = recalibrate_on_ixi(args.model, args.out, heatmap_overrides(args), args.version, args.work, args.data,
+                             args.device, progress=not args.quiet)
+    print(f"wrote {out}")
     return 0
 
 

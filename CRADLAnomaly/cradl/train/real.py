@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import realdata
-from .trainer import TrainConfig, train_model
+from .trainer import TrainConfig, recalibrate_model, train_model
 
 GROUPS = ("train", "validation", "calibration")
 
@@ -43,3 +43,17 @@ def train_on_ixi(out: str | Path, config: TrainConfig, work_dir: str | Path, roo
                        scans=[s.t1 for s in subjects], progress=progress, masks=masks, groups=groups,
                        data_split={"file": realdata.SPLIT_FILE.name, "seed": realdata.SPLIT_SEED, **split},
                        contrasts=("t1",))
+
+
+def recalibrate_on_ixi(model, out: str | Path, localization: dict | None, version: str | None, work_dir: str | Path,
+                       root=None, device: str = "auto", progress: bool = True) -> Path:
+    """Recalibrate `model` (after changing its heatmap settings) on the recorded split's validation and
+    calibration subjects, the ones its training used for that; the test subjects are never touched."""
+    subjects, groups = normal_subjects(root)
+    keep = groups["validation"] + groups["calibration"]
+    chosen = [subjects[i] for i in keep]
+    masks = brain_masks(chosen, Path(work_dir), progress)
+    n_val = len(groups["validation"])
+    return recalibrate_model(model, [realdata.data_root(root) / "ixi" / "T1"], out, localization, version=version,
+                             device=device, progress=progress, scans=[s.t1 for s in chosen], masks=masks,
+                             groups={"validation": list(range(n_val)), "calibration": list(range(n_val, len(keep)))})

@@ -348,7 +348,7 @@ def calibrate(encoder, gmm, val_scans: list[PreparedScan], scans: list[PreparedS
     nlls, heats, masks = [], [], []
     for scan in tqdm(scans + val_scans, desc="calibrating on held-out normals", unit="scan", disable=not progress):
         idx = scan.slice_indices
-        nll, heat = scan_heatmap(scan.volume, scan.mask, idx, encoder, gmm, config.localization, dev)
+        nll, heat = scan_heatmap(scan.volume, scan.mask, idx, encoder, gmm, config.localization, dev, stats)
         nlls.append(nll)
         heats.append(heat)
         masks.append(scan.mask[idx])
@@ -374,16 +374,18 @@ def config_from_manifest(manifest: ModelManifest, **overrides) -> TrainConfig:
 
 def recalibrate_model(model: str | Path | None, normal_dirs, out: str | Path, localization: dict | None = None,
                       false_alarm_quantile: float | None = None, version: str | None = None,
-                      device: str = "auto", seed: int = 0, progress: bool = True) -> Path:
+                      device: str = "auto", seed: int = 0, progress: bool = True, scans: list[Path] | None = None,
+                      masks: list[Path] | None = None, groups: dict[str, list[int]] | None = None) -> Path:
     """Re-derive a model's normal statistics from normal scans it was not trained on; weights stay as they are.
 
     For a site's own scanners and protocols, or after changing the heatmap post-processing
     (`localization` overrides): the scans are split in two halves, one for the per-position slice
     statistics, one for the volume-score percentiles, and both for the heatmap scale and threshold
-    (as in training; `false_alarm_quantile` defaults to the model's recipe).
+    (as in training; `false_alarm_quantile` defaults to the model's recipe). `scans`, `masks` and
+    `groups` ('validation' and 'calibration' indices) work as in `train_model`.
     """
     bundle = load_bundle(model)
-    paths = find_scans(normal_dirs)
+    paths = scans if scans is not None else find_scans(normal_dirs)
     if len(paths) < 4:
         raise InputError(f"calibration needs at least 4 normal scans; found {len(paths)}")
     manifest = copy.deepcopy(bundle.manifest.stored)
@@ -393,17 +395,21 @@ def recalibrate_model(model: str | Path | None, normal_dirs, out: str | Path, lo
         overrides["false_alarm_quantile"] = false_alarm_quantile
     config = config_from_manifest(bundle.manifest, **overrides)
     space = ReferenceSpace(bundle.grid, bundle.template, bundle.template_mask)
-    prepared = prepare_all(paths, space, config, cache=None, progress=progress)
-    order = np.random.default_rng(seed).permutation(len(paths))
-    half = len(paths) // 2
+    prepared = prepare_all(paths, space, config, cache=None, progress=progress, masks=masks)
+    if groups is not None:
+        val_idx, cal_idx = groups["validation"], groups["calibration"]
+    else:
+        order = np.random.default_rng(seed).permutation(len(paths))
+        val_idx, cal_idx = order[:len(paths) // 2], order[len(paths) // 2:]
     dev = resolve_device(device)
-    calibration = calibrate(bundle.encoder.to(dev).eval(), bundle.gmm.to(dev), [prepared[i] for i in order[:half]],
-                            [prepared[i] for i in order[half:]], config, dev, progress)
+    calibration = calibrate(bundle.encoder.to(dev).eval(), bundle.gmm.to(dev), [prepared[i] for i in val_idx],
+                            [prepared[i] for i in cal_idx], config, dev, progress)
     manifest["localization"] = config.localization
     manifest["calibration"] = calibration
     manifest["version"] = version or manifest["version"]
     manifest.setdefault("recalibrations", []).append({
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "n_scans": len(paths), "data": [str(d) for d in normal_dirs], "cradl_version": __version__})
+        "n_scans": len(paths), "data": [str(d) for d in (normal_dirs or paths)],
+        "cradl_version": __version__})
     save_bundle(out, manifest, bundle.encoder.cpu(), bundle.gmm.cpu(), bundle.template, bundle.template_mask)
     return Path(out)
