@@ -191,7 +191,12 @@ def _check_dicom_options(args, batch: bool, first: Path) -> None:
 
 
 def _detector_and_mask(args):
-    mask = read_image(args.mask, what="brain mask") if args.mask else None  # before torch: a bad mask fails at once
+    """The model and the --mask image. Both files are checked before torch is imported (a second or more), so
+    a missing, foreign or tampered model or a bad mask is refused at once."""
+    from .bundle import read_manifest
+
+    mask = read_image(args.mask, what="brain mask") if args.mask else None
+    read_manifest(args.model)
     from .detector import AnomalyDetector
 
     return AnomalyDetector.load(args.model, device=args.device), mask

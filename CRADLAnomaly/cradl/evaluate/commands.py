@@ -113,10 +113,15 @@ def _require_real_data(args) -> None:
         raise InputError(f"real data not found at {realdata.data_root(args.data)} (give --data or set CRADL_REAL_DATA)")
 
 
+def _require_out_folder(out) -> None:
+    if not Path(out).resolve().parent.is_dir():
+        raise CradlError(f"cannot write {out}: its folder does not exist")
+
+
 def run_real_set(args) -> int:
+    _require_real_data(args)  # before the imports: a missing data folder is refused at once
     from .realset import write_real_set
 
-    _require_real_data(args)
     manifest = write_real_set(args.out, args.data, Path(args.work) / "masks", seed=args.seed, progress=not args.quiet,
                               split=args.split)
     print(f"wrote {manifest}")
@@ -124,12 +129,11 @@ def run_real_set(args) -> int:
 
 
 def run_train_real(args) -> int:
+    _require_real_data(args)  # before the imports (torch): bad data or options are refused at once
+    _require_out_folder(args.out)
     from ..train.real import train_on_ixi
     from ..train.trainer import TrainConfig
 
-    _require_real_data(args)
-    if not Path(args.out).resolve().parent.is_dir():
-        raise CradlError(f"cannot write {args.out}: its folder does not exist")
     config = TrainConfig(epochs=args.epochs, name=args.name, version=args.version,
                          description="CRADL trained on real healthy adults' T1 heads (IXI), brain-extracted")
     print(f"wrote {train_on_ixi(args.out, config, args.work, args.data, args.device, progress=not args.quiet)}")
@@ -138,21 +142,22 @@ def run_train_real(args) -> int:
 
 def run_calibrate_real(args) -> int:
     from ..cli import heatmap_overrides
+
+    _require_real_data(args)  # before the imports (torch): bad data or options are refused at once
+    _require_out_folder(args.out)
+    overrides = heatmap_overrides(args)
     from ..train.real import recalibrate_on_ixi
 
-    _require_real_data(args)
-    if not Path(args.out).resolve().parent.is_dir():
-        raise CradlError(f"cannot write {args.out}: its folder does not exist")
-    out = recalibrate_on_ixi(args.model, args.out, heatmap_overrides(args), args.version, args.work, args.data,
-                             args.device, progress=not args.quiet)
+    out = recalibrate_on_ixi(args.model, args.out, overrides, args.version, args.work, args.data, args.device,
+                             progress=not args.quiet)
     print(f"wrote {out}")
     return 0
 
 
 def run_benchmark_real(args) -> int:
+    _require_real_data(args)  # before the imports: a missing data folder is refused at once
     from .real import markdown, run_real_benchmark
 
-    _require_real_data(args)
     if not (Path(args.set) / "manifest.json").is_file():
         raise InputError(f"{args.set} holds no manifest.json (write it with `python -m cradl real-set`)")
     results = run_real_benchmark(args.model, args.set, args.out_dir, args.work, args.data, device=args.device,
