@@ -75,7 +75,9 @@ def resume_check(scans: list[Path], out: Path, model: str | None, workers: int =
                "--workers", str(workers)] + (["--model", model] if model else [])
     def records():
         return len(list((out / DONE_FOLDER).glob("*.json"))) if (out / DONE_FOLDER).is_dir() else 0
-    run = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    log = out.parent / "resume_check_first_run.log"  # beside, not in, the output folder the rerun checks
+    with open(log, "wb") as stderr:
+        run = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
     events = {}
     try:
         while records() < 2 and run.poll() is None:
@@ -92,6 +94,9 @@ def resume_check(scans: list[Path], out: Path, model: str | None, workers: int =
     finally:
         if run.poll() is None:
             os.killpg(run.pid, signal.SIGKILL)  # the whole run: client, scheduler, nannies, workers
+        else:  # it ended by itself: say how, since the run should have outlived the killed worker
+            events["first_run_ended_by_itself"] = {"exit_status": run.returncode,
+                                                   "stderr_tail": log.read_text(errors="replace")[-2000:]}
         run.wait()
     done_before = {p.name for p in (out / DONE_FOLDER).glob("*.json")}
     started = time.perf_counter()
