@@ -105,7 +105,11 @@ def test_rerun_skips_finished_scans_and_redoes_half_written_ones(two_worker_run,
     heatmap = out / "b_lesion_anomaly_heatmap.nii.gz"
     heatmap.write_bytes(heatmap.read_bytes()[:1000])
     (out / ".cradl-done" / a_report.name).unlink()
+    (out / ".cradl-done" / ".a_normal_anomaly_report-abcd1234.json").write_bytes(b'{"vers')  # its killed write
     (out / ".b_lesion_anomaly_heatmap-abcd1234.nii.gz").write_bytes(b"partial")
+    from cradl.batch.runner import completion_records
+
+    assert [p.name for p in completion_records(out)] == ["b_lesion_anomaly_report.json"]
     run = cradl("detect", inputs, "--out-dir", out, "--model", tiny_model, "--workers", 2, "--quiet")
     assert run.returncode == 2
     rows = rows_of(out)
@@ -113,6 +117,7 @@ def test_rerun_skips_finished_scans_and_redoes_half_written_ones(two_worker_run,
     assert [r["reused"] for r in rows] == ["no", "no", "no"]
     assert sitk.ReadImage(str(heatmap)).GetSize() == sitk.ReadImage(str(inputs / "b_lesion.nii.gz")).GetSize()
     assert not (out / ".b_lesion_anomaly_heatmap-abcd1234.nii.gz").exists()
+    assert not (out / ".cradl-done" / ".a_normal_anomaly_report-abcd1234.json").exists()
     # and a third run has nothing left to do
     run = cradl("detect", inputs / "a_normal.nii.gz", inputs / "b_lesion.nii.gz", "--out-dir", out,
                 "--model", tiny_model, "--workers", 1, "--quiet")

@@ -66,15 +66,15 @@ def resume_check(scans: list[Path], out: Path, model: str | None, workers: int =
     import psutil
 
     from ..outputs import CLI_KINDS, batch_plan
-    from .runner import DONE_FOLDER, make_tasks, read_valid_record
+    from .runner import completion_records, make_tasks, read_valid_record
 
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
     command = [sys.executable, "-m", "cradl", "detect", *map(str, scans), "--out-dir", str(out), "--quiet",
                "--workers", str(workers)] + (["--model", model] if model else [])
-    def records():
-        return len(list((out / DONE_FOLDER).glob("*.json"))) if (out / DONE_FOLDER).is_dir() else 0
+    def records():  # a run killed while writing a record leaves its temporary: not a finished scan
+        return len(completion_records(out))
     log = out.parent / "resume_check_first_run.log"  # beside, not in, the output folder the rerun checks
     with open(log, "wb") as stderr:
         run = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
@@ -98,7 +98,7 @@ def resume_check(scans: list[Path], out: Path, model: str | None, workers: int =
             events["first_run_ended_by_itself"] = {"exit_status": run.returncode,
                                                    "stderr_tail": log.read_text(errors="replace")[-2000:]}
         run.wait()
-    done_before = {p.name for p in (out / DONE_FOLDER).glob("*.json")}
+    done_before = {p.name for p in completion_records(out)}
     started = time.perf_counter()
     rerun = subprocess.run(command, capture_output=True, text=True)
     rows = json.loads((out / "summary.json").read_text())["rows"]

@@ -72,6 +72,12 @@ def record_path(outputs: dict) -> Path:
     return report.parent / DONE_FOLDER / f"{report.name}"
 
 
+def completion_records(out_dir: Path) -> list[Path]:
+    """The completion records in `out_dir`, without the temporary of one whose writing was killed."""
+    folder = Path(out_dir) / DONE_FOLDER
+    return sorted(p for p in folder.glob("*.json") if not p.name.startswith(".")) if folder.is_dir() else []
+
+
 def read_valid_record(task: dict) -> dict | None:
     """The completion record of a finished scan, or None when the scan must be (re)done."""
     path = record_path(task["outputs"])
@@ -146,7 +152,7 @@ def detect_scan(task: dict) -> dict:
 
             dicom = build_dicom_results(Path(task["input"]), result, detector.model_summary(), out.get("seg"),
                                         out.get("pmap"), out.get("overlay"))
-        _clear_leftovers(out.values())
+        _clear_leftovers([*out.values(), record_path(out)])
         written = write_outputs(result, {kind: path for kind, path in out.items() if kind not in DICOM_KINDS}, image)
         if dicom is not None:
             written.update(save_dicom_results(dicom))
