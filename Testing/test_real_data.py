@@ -160,6 +160,20 @@ def test_real_commands_name_missing_data_in_one_line(tmp_path):
         assert not (tmp_path / "set").exists() and not (tmp_path / "m.cradl").exists()
 
 
+@needs_real_data
+def test_calibrate_real_never_overwrites_its_model_and_writes_only_bundles(tmp_path):
+    import subprocess
+    import sys
+
+    model = tmp_path / "m.cradl"
+    model.write_bytes(b"the model the run would read")
+    for out, message in ((model, "it would be overwritten"), (tmp_path / "m.model", "must end with .cradl")):
+        argv = ["calibrate-real", "--model", str(model), "--out", str(out)]
+        run = subprocess.run([sys.executable, "-m", "cradl", *argv], capture_output=True, text=True, timeout=120)
+        assert run.returncode == 2 and run.stderr.count("\n") == 1 and message in run.stderr, run.stderr
+    assert model.read_bytes() == b"the model the run would read" and sorted(tmp_path.iterdir()) == [model]
+
+
 def test_group_table_reports_each_group_against_the_same_normals():
     from cradl.evaluate.metrics import CaseScores, score_histograms
     from cradl.evaluate.real import group_table, markdown

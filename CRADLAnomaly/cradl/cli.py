@@ -325,7 +325,8 @@ def _add_normals_and_bundle_out(p):
     p.add_argument("--out", required=True, help="model bundle to write (.cradl)")
 
 
-def _check_bundle_out(path: str) -> None:
+def check_bundle_out(path: str) -> None:
+    """--out of a command that writes a model bundle: a .cradl file that can be written."""
     if not path.endswith(".cradl"):
         raise CradlError("--out must end with .cradl")
     check_output_path(path)
@@ -419,7 +420,7 @@ def run_train(args) -> int:
     # Every check before the trainer (and torch) is imported: a wrong option is refused at once
     if args.nproc < 1:
         raise CradlError("--nproc must be at least 1")
-    _check_bundle_out(args.out)
+    check_bundle_out(args.out)
     out = Path(args.out)
     protected = protected_files([("normal scan", p) for p in find_scans(args.normal)])
     outputs = [("--out", out), ("checkpoint", out.with_suffix(".ckpt")), ("cache", out.with_suffix(".prep.npz"))]
@@ -491,7 +492,7 @@ def heatmap_overrides(args) -> dict | None:
 
 
 def run_calibrate(args) -> int:
-    _check_bundle_out(args.out)
+    check_bundle_out(args.out)
     protected = protected_files([("normal scan", p) for p in find_scans(args.normal)]
                                 + [("--model", model_path(args.model))])
     refuse_clashes([("--out", Path(args.out))], protected)

@@ -113,11 +113,6 @@ def _require_real_data(args) -> None:
         raise InputError(f"real data not found at {realdata.data_root(args.data)} (give --data or set CRADL_REAL_DATA)")
 
 
-def _require_out_folder(out) -> None:
-    if not Path(out).resolve().parent.is_dir():
-        raise CradlError(f"cannot write {out}: its folder does not exist")
-
-
 def run_real_set(args) -> int:
     _require_real_data(args)  # before the imports: a missing data folder is refused at once
     from .realset import write_real_set
@@ -129,8 +124,10 @@ def run_real_set(args) -> int:
 
 
 def run_train_real(args) -> int:
+    from ..cli import check_bundle_out
+
     _require_real_data(args)  # before the imports (torch): bad data or options are refused at once
-    _require_out_folder(args.out)
+    check_bundle_out(args.out)
     from ..train.real import train_on_ixi
     from ..train.trainer import TrainConfig
 
@@ -141,10 +138,12 @@ def run_train_real(args) -> int:
 
 
 def run_calibrate_real(args) -> int:
-    from ..cli import heatmap_overrides
+    from ..cli import check_bundle_out, heatmap_overrides
+    from ..outputs import model_path, protected_files, refuse_clashes
 
     _require_real_data(args)  # before the imports (torch): bad data or options are refused at once
-    _require_out_folder(args.out)
+    check_bundle_out(args.out)
+    refuse_clashes([("--out", Path(args.out))], protected_files([("--model", model_path(args.model))]))
     overrides = heatmap_overrides(args)
     from ..train.real import recalibrate_on_ixi
 
