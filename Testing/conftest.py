@@ -74,6 +74,11 @@ def normal_cohort(tmp_path_factory) -> Path:
                      lambda folder: generate_normal_cohort(folder, n=10, seed=11, progress=False))
 
 
+def label_masks(scans: list[Path]) -> list[Path]:
+    """The generator's label map of each cohort scan (`labels > 0` is its brain), as `cohort.json` names it."""
+    return [scan.parent / "labels" / scan.name.replace(".nii.gz", "_labels.nii.gz") for scan in scans]
+
+
 @pytest.fixture(scope="session")
 def tiny_model(normal_cohort, tmp_path_factory) -> Path:
     """Path to a tiny CRADL bundle trained on `normal_cohort`.
@@ -85,9 +90,8 @@ def tiny_model(normal_cohort, tmp_path_factory) -> Path:
 
     def train(folder):
         scans = sorted(normal_cohort.glob("normal_*.nii.gz"))
-        masks = [normal_cohort / "labels" / scan.name.replace(".nii.gz", "_labels.nii.gz") for scan in scans]
         train_model([normal_cohort], folder / "tiny.cradl", TrainConfig(**TINY_RECIPE), device="cpu", resume=False,
-                    scans=scans, masks=masks)
+                    scans=scans, masks=label_masks(scans))
 
     return made_once(tmp_path_factory, "model", train) / "tiny.cradl"
 

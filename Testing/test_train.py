@@ -41,13 +41,13 @@ def test_prepared_scan_cache_is_reused_only_for_the_same_preparation(normal_coho
 def test_recalibration_on_given_groups_uses_each_group_for_its_own_statistics(tiny_model, normal_cohort, tmp_path):
     """As `calibrate-real` does for the bundled model: named validation and calibration scans, their own brain
     masks, new heatmap settings; the weights stay."""
+    from conftest import label_masks
     from cradl.bundle import load_bundle
     from cradl.train.trainer import recalibrate_model
 
     scans = sorted(normal_cohort.glob("normal_*.nii.gz"))[:5]
-    masks = [normal_cohort / "labels" / s.name.replace(".nii.gz", "_labels.nii.gz") for s in scans]
     out = recalibrate_model(tiny_model, None, tmp_path / "recal.cradl", {"slice_weight_z_scale": 4.0},
-                            version="0.0.2", progress=False, scans=scans, masks=masks,
+                            version="0.0.2", progress=False, scans=scans, masks=label_masks(scans),
                             groups={"validation": [0, 1], "calibration": [2, 3, 4]})
     before, after = load_bundle(tiny_model).manifest, load_bundle(out).manifest
     assert after.version == "0.0.2" and after.localization["slice_weight_z_scale"] == 4.0
