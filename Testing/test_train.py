@@ -53,3 +53,41 @@ def test_recalibration_on_given_groups_uses_each_group_for_its_own_statistics(ti
     assert after.version == "0.0.2" and after.localization["slice_weight_z_scale"] == 4.0
     assert after.calibration["n_scans"] == 3 and after.calibration["n_heatmap_scans"] == 5
     assert after.gmm == before.gmm
+
+
+def test_a_simclr_run_begun_on_another_device_resumes_here_and_names_both(tmp_path):
+    """How a GPU node's run is finished on a laptop: the checkpoint carries the epochs done, their time and the
+    device they ran on; resuming trains only the remaining epochs and the record names every device."""
+    import numpy as np
+    import torch
+
+    from cradl.encoder import ProjectionHead, SliceEncoder
+    from cradl.train.simclr import train_simclr
+
+    rng = np.random.default_rng(0)
+    slices = rng.normal(size=(32, 32, 32)).astype(np.float32)
+    config = TrainConfig(epochs=2, batch_size=16, width=4, feature_dim=8, projection_dim=4)
+    checkpoint = tmp_path / "run.ckpt"
+
+    def models():
+        torch.manual_seed(0)
+        return SliceEncoder(config.width, config.feature_dim, config.grid), ProjectionHead(config.feature_dim, 4)
+
+    first = train_simclr(*models(), slices, config, torch.device("cpu"), checkpoint, progress=False)
+    assert first.epochs_done == 2 and len(first.devices) == 1
+    state = torch.load(checkpoint, weights_only=True)
+    assert state["history"] == first.history and state["seconds"] == first.seconds
+
+    # as a GPU node leaves it after its first epoch
+    state.update(epoch=0, history=first.history[:1], seconds=100.0, devices=["NVIDIA H200"])
+    steps = state["steps_per_epoch"]
+    state["schedule"].update(last_epoch=steps, _step_count=steps + 1)
+    torch.save(state, checkpoint)
+    resumed = train_simclr(*models(), slices, config, torch.device("cpu"), checkpoint, progress=False)
+    assert resumed.history[0] == first.history[0] and resumed.epochs_done == 2
+    assert resumed.devices == ["NVIDIA H200", first.devices[0]] and resumed.seconds > 100.0
+    assert resumed.record()["simclr_devices"] == resumed.devices
+
+    # a finished run is not trained again
+    again = train_simclr(*models(), slices, config, torch.device("cpu"), checkpoint, progress=False)
+    assert again.history == resumed.history and again.seconds == resumed.seconds

@@ -38,8 +38,9 @@ from ..gmm import GaussianMixtureNLL
 from ..io import find_scans
 from ..localize import postprocess_saliency
 from ..preprocess import PreparedScan
+from ..train.simclr import train_simclr
 from ..train.trainer import (TrainConfig, calibrate, calibrate_heatmaps, config_from_manifest, encode, fit_mixture,
-                             prepare_all, select_mixture, slice_statistics, split_scans, train_simclr)
+                             prepare_all, select_mixture, slice_statistics, split_scans)
 
 log = logging.getLogger("cradl.evaluate")
 

@@ -166,9 +166,7 @@ def _rank_main(rank, world, init, normal_dirs, out, config, device, resume, prog
         torch.manual_seed(config.seed)
         encoder = SliceEncoder(config.width, config.feature_dim, config.grid).to(dev)
         head = ProjectionHead(config.feature_dim, config.projection_dim).to(dev)
-        simclr_started = time.perf_counter()
-        history = simclr_ddp(encoder, head, train_slices, config, dev, checkpoint, rank, world, progress)
-        simclr_seconds = time.perf_counter() - simclr_started
+        simclr_ddp(encoder, head, train_slices, config, dev, checkpoint, rank, world, progress)
         _barrier(dev)
         if rank == 0:
             train_model(normal_dirs, out, config, device=str(dev.type), resume=True, scans=paths, progress=progress)
@@ -176,10 +174,8 @@ def _rank_main(rank, world, init, normal_dirs, out, config, device, resume, prog
             manifest = dict(bundle.manifest.stored)
             training = dict(bundle.manifest.training)
             training["distributed"] = {"processes": world, "backend": dist.get_backend(),
-                                       "global_batch_size": config.batch_size,
-                                       "simclr_seconds": round(simclr_seconds, 1)}
+                                       "global_batch_size": config.batch_size}
             training["seconds"] = round(time.perf_counter() - started, 1)
-            training["loss_per_epoch"] = history
             manifest["training"] = training
             save_bundle(out, manifest, bundle.encoder, bundle.gmm, bundle.template, bundle.template_mask)
         _barrier(dev)
@@ -192,26 +188,27 @@ def _barrier(dev) -> None:
 
 
 def simclr_ddp(encoder, head, slices: np.ndarray, config, dev, checkpoint: Path, rank: int, world: int,
-               progress: bool = True) -> list[float]:
-    """SimCLR on DDP; same schedule, batches and checkpoint format as the single-process trainer."""
+               progress: bool = True) -> None:
+    """SimCLR on DDP; same schedule, batches and checkpoint format as the single-process trainer (rank 0 writes
+    the checkpoint after every epoch, which `train_model` then resumes)."""
     from torch.distributed.nn.functional import all_gather
     from torch.nn.parallel import DistributedDataParallel as DDP
     from tqdm import tqdm
 
     from .augment import nt_xent, simclr_view
-    from .trainer import resume_simclr, save_simclr, simclr_optimiser, simclr_step
+    from .simclr import device_name, resume_simclr, save_simclr, simclr_optimiser, simclr_step
 
     if config.batch_size < world:
         raise InputError(f"--batch-size {config.batch_size} is smaller than --nproc {world}")
     optimiser, schedule, steps_per_epoch = simclr_optimiser(encoder, head, len(slices), config)
-    history, first_epoch = resume_simclr(checkpoint, dev, encoder, head, optimiser, schedule, config,
-                                         steps_per_epoch)
-    if first_epoch and rank == 0:
-        log.info("resuming from %s at epoch %d", checkpoint, first_epoch + 1)
+    run = resume_simclr(checkpoint, dev, encoder, head, optimiser, schedule, config, steps_per_epoch)
+    if run.epochs_done and rank == 0:
+        log.info("resuming from %s at epoch %d", checkpoint, run.epochs_done + 1)
     model = DDP(_Pair(encoder, head), device_ids=[dev.index] if dev.type == "cuda" else None)
     data = torch.from_numpy(slices).unsqueeze(1)
     generator = torch.Generator(device=dev)
-    for epoch in range(first_epoch, config.epochs):
+    for epoch in range(run.epochs_done, config.epochs):
+        started = time.perf_counter()
         model.train()
         generator.manual_seed((config.seed * 1000 + epoch) * 1009 + rank)
         order = torch.randperm(len(data), generator=torch.Generator().manual_seed(config.seed * 1000 + epoch))
@@ -227,9 +224,7 @@ def simclr_ddp(encoder, head, slices: np.ndarray, config, dev, checkpoint: Path,
             # gradient reaching each rank's share is summed over ranks, and DDP's average undoes that sum
             loss = nt_xent(torch.cat(all_gather(z1)), torch.cat(all_gather(z2)), config.temperature)
             simclr_step(loss, optimiser, schedule, losses, bar)
-        history.append(round(float(np.mean(losses)), 4))
+        run.finish_epoch(float(np.mean(losses)), time.perf_counter() - started, f"{device_name(dev)} x {world}")
         if rank == 0:
-            log.info("epoch %d/%d  NT-Xent loss %.4f (%d processes)", epoch + 1, config.epochs, history[-1], world)
-            save_simclr(checkpoint, encoder, head, optimiser, schedule, epoch, config, steps_per_epoch, history,
-                        processes=world)
-    return history
+            log.info("epoch %d/%d  NT-Xent loss %.4f (%d processes)", epoch + 1, config.epochs, run.history[-1], world)
+            save_simclr(checkpoint, encoder, head, optimiser, schedule, config, steps_per_epoch, run, processes=world)

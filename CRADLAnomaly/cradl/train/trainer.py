@@ -5,7 +5,6 @@ import copy
 import datetime
 import json
 import logging
-import platform
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -30,7 +29,7 @@ from ..preprocess import DEFAULT_NORMALISATION, PreparedScan, prepare_scan
 from ..pins import DEEPBET
 from ..space import ReferenceSpace
 from ..typicality import fit_typicality
-from .augment import nt_xent, simclr_view
+from .simclr import device_name, train_simclr
 
 log = logging.getLogger("cradl.train")
 
@@ -150,8 +149,8 @@ def train_model(normal_dirs, out: str | Path, config: TrainConfig | None = None,
              len(train_slices), len(val_idx), len(cal_idx))
     encoder = SliceEncoder(config.width, config.feature_dim, config.grid).to(dev)
     head = ProjectionHead(config.feature_dim, config.projection_dim).to(dev)
-    history = train_simclr(encoder, head, train_slices, config, dev, out.with_suffix(".ckpt") if resume else None,
-                           progress)
+    run = train_simclr(encoder, head, train_slices, config, dev, out.with_suffix(".ckpt") if resume else None,
+                       progress)
     encoder.eval()
 
     val_slices = np.concatenate([prepared[i].slices for i in val_idx])
@@ -166,8 +165,8 @@ def train_model(normal_dirs, out: str | Path, config: TrainConfig | None = None,
         "training": {"recipe": _recipe(config), "n_scans": len(paths), "n_train_scans": len(train_idx),
                      "n_train_slices": int(len(train_slices)), "n_validation_scans": len(val_idx),
                      "n_calibration_scans": len(cal_idx), "data": [str(d) for d in (normal_dirs or [])],
-                     "device": str(dev), "device_name": _device_name(dev),
-                     "seconds": round(time.perf_counter() - started, 1), "loss_per_epoch": history,
+                     "device": str(dev), "device_name": device_name(dev),
+                     "seconds": round(time.perf_counter() - started, 1), **run.record(),
                      **({"data_split": data_split} if data_split else {})},
         "contrasts": list(contrasts),
         "reference": {"grid": space.grid.to_json(), "template": "MNI152 2009a symmetric T1 (nilearn)",
@@ -190,92 +189,6 @@ def _recipe(config: TrainConfig) -> dict:
     data = asdict(config)
     data["gmm_components"] = list(config.gmm_components)
     return data
-
-
-def _device_name(dev: torch.device) -> str:
-    if dev.type == "cuda":
-        return torch.cuda.get_device_name(dev)
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
-
-
-def simclr_optimiser(encoder: SliceEncoder, head: ProjectionHead, n_slices: int, config: TrainConfig):
-    """(optimiser, learning-rate schedule, steps per epoch) of a SimCLR run on `n_slices` slices: one recipe
-    for the single-process and the DDP trainer, so their checkpoints resume into each other."""
-    params = list(encoder.parameters()) + list(head.parameters())
-    optimiser = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-    steps_per_epoch = max(1, n_slices // config.batch_size)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, config.learning_rate,
-                                                   total_steps=config.epochs * steps_per_epoch, pct_start=0.1)
-    return optimiser, schedule, steps_per_epoch
-
-
-def train_simclr(encoder: SliceEncoder, head: ProjectionHead, slices: np.ndarray, config: TrainConfig,
-                 dev: torch.device, checkpoint: Path | None, progress: bool = True) -> list[float]:
-    """Train `encoder` and its projection `head` in place with SimCLR (NT-Xent on two augmented views of
-    each slice) on `slices` (N, S, S); returns the mean loss per epoch.
-
-    The one contrastive training step of the project: the model's own training and the baselines' short
-    runs use it, so a variant differs from CRADL only where it says so. With `checkpoint`, every epoch is
-    saved and a run of the same recipe resumes from it."""
-    optimiser, schedule, steps_per_epoch = simclr_optimiser(encoder, head, len(slices), config)
-    history, first_epoch = resume_simclr(checkpoint, dev, encoder, head, optimiser, schedule, config,
-                                         steps_per_epoch)
-    if first_epoch:
-        log.info("resuming from %s at epoch %d", checkpoint, first_epoch + 1)
-    data = torch.from_numpy(slices).unsqueeze(1)
-    generator = torch.Generator(device=dev)
-    for epoch in range(first_epoch, config.epochs):
-        encoder.train(), head.train()
-        generator.manual_seed(config.seed * 1000 + epoch)
-        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(config.seed * 1000 + epoch))
-        losses = []
-        bar = tqdm(range(steps_per_epoch), desc=f"SimCLR epoch {epoch + 1}/{config.epochs}", unit="batch", leave=False,
-                   disable=not progress)
-        for step in bar:
-            batch = data[order[step * config.batch_size:(step + 1) * config.batch_size]].to(dev)
-            z1 = head(encoder(simclr_view(batch, generator, config.geometry)))
-            z2 = head(encoder(simclr_view(batch, generator, config.geometry)))
-            loss = nt_xent(z1, z2, config.temperature)
-            simclr_step(loss, optimiser, schedule, losses, bar)
-        history.append(round(float(np.mean(losses)), 4))
-        log.info("epoch %d/%d  NT-Xent loss %.4f", epoch + 1, config.epochs, history[-1])
-        if checkpoint is not None:
-            save_simclr(checkpoint, encoder, head, optimiser, schedule, epoch, config, steps_per_epoch, history)
-    return history
-
-
-def simclr_step(loss: torch.Tensor, optimiser, schedule, losses: list[float], bar) -> None:
-    """One optimiser step on `loss`; its value is kept for the epoch's mean and shown on the progress bar."""
-    optimiser.zero_grad(set_to_none=True)
-    loss.backward()
-    optimiser.step()
-    schedule.step()
-    losses.append(loss.item())
-    bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
-
-
-def resume_simclr(checkpoint: Path | None, dev, encoder, head, optimiser, schedule, config: TrainConfig,
-                  steps_per_epoch: int) -> tuple[list[float], int]:
-    """(loss history, first epoch to run): the state of `checkpoint` restored when it is of this very run
-    (same epochs and steps per epoch), else a fresh start."""
-    if checkpoint is None or not checkpoint.exists():
-        return [], 0
-    state = torch.load(checkpoint, map_location=dev, weights_only=True)
-    if state["steps_per_epoch"] != steps_per_epoch or state["epochs"] != config.epochs:
-        return [], 0
-    encoder.load_state_dict(state["encoder"]), head.load_state_dict(state["head"])
-    optimiser.load_state_dict(state["optimiser"]), schedule.load_state_dict(state["schedule"])
-    return list(state["history"]), int(state["epoch"]) + 1
-
-
-def save_simclr(checkpoint: Path, encoder, head, optimiser, schedule, epoch: int, config: TrainConfig,
-                steps_per_epoch: int, history: list[float], **extra) -> None:
-    """The resumable state after `epoch`, written atomically (the one checkpoint format of both trainers)."""
-    with atomic_path(checkpoint) as tmp:
-        torch.save({"encoder": encoder.state_dict(), "head": head.state_dict(),
-                    "optimiser": optimiser.state_dict(), "schedule": schedule.state_dict(),
-                    "epoch": epoch, "epochs": config.epochs, "steps_per_epoch": steps_per_epoch,
-                    "history": history, **extra}, tmp)
 
 
 def encode(encoder: SliceEncoder, slices: np.ndarray, dev: torch.device, batch_size: int = 256) -> np.ndarray:
