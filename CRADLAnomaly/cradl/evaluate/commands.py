@@ -73,11 +73,11 @@ def register_real(sub) -> None:
                        "recorded split (training; validation for the mixture size and slice statistics; "
                        "calibration); the test subjects are never used. Resumes like `train`.")
     p.add_argument("--out", required=True, help="model bundle to write")
-    p.add_argument("--epochs", type=int, default=300,
-                   help="SimCLR epochs (default: the bundled model's 300, about 8 min on one H200 GPU with --device "
-                   "cuda; on 2 CPU cores an epoch takes about 4.5 min)")
+    p.add_argument("--epochs", type=int, default=10,
+                   help="SimCLR epochs (the bundled model: 10, about 4.5 min each on 2 CPU cores; 300 took 8 min on "
+                   "one H200 GPU with --device cuda but were not kept, see the README)")
     p.add_argument("--name", default="cradl-default")
-    p.add_argument("--version", default="3.0.0")
+    p.add_argument("--version", default="2.1.0")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.set_defaults(run=run_train_real)
 
