@@ -221,3 +221,22 @@ def test_the_brain_mask_of_a_scan_seen_again_is_not_recomputed(monkeypatch):
     shifted.SetOrigin([v + 1.0 for v in image.GetOrigin()])
     with pytest.raises(pytest.fail.Exception):
         brain.network_mask(shifted)  # same voxels, another geometry: a new mask
+
+
+@needs_real_data
+def test_leak_free_recalibration_leaves_the_validation_subjects_out_of_every_statistic():
+    from cradl import realdata
+    from cradl.train.real import recalibration_groups
+
+    validation = {s.id for s in realdata.subjects_in("validation")}
+    calibration = {s.id for s in realdata.subjects_in("calibration")}
+    for leak_free in (False, True):
+        chosen, groups = recalibration_groups(leak_free=leak_free)
+        ids = [s.id for s in chosen]
+        by_group = {g: {ids[i] for i in index} for g, index in groups.items()}
+        assert sorted(groups["validation"] + groups["calibration"]) == list(range(len(ids)))
+        assert not by_group["validation"] & by_group["calibration"]
+        if leak_free:
+            assert set(ids) == calibration and len(by_group["validation"]) == len(calibration) // 2
+        else:  # as training used them
+            assert by_group == {"validation": validation, "calibration": calibration}

@@ -89,6 +89,10 @@ def register_real(sub) -> None:
                        "the weights stay, the test subjects are never used.")
     p.add_argument("--model", help="model bundle (default: the bundled model)")
     p.add_argument("--out", required=True, help="model bundle to write")
+    p.add_argument("--leak-free", action="store_true",
+                   help="recalibrate on the 22 calibration subjects alone (11 for the slice statistics, 11 for the "
+                   "percentiles), leaving the validation subjects out of every statistic: score `real-set --split "
+                   "validation` cases with this bundle to tune settings")
     add_heatmap_options(p)
     p.add_argument("--version", help="version of the new bundle; default: the model's")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -150,7 +154,7 @@ def run_calibrate_real(args) -> int:
     from ..train.real import recalibrate_on_ixi
 
     out = recalibrate_on_ixi(args.model, args.out, overrides, args.version, args.work, args.data, args.device,
-                             progress=not args.quiet)
+                             progress=not args.quiet, leak_free=args.leak_free)
     print(f"wrote {out}")
     return 0
 

@@ -45,15 +45,28 @@ def train_on_ixi(out: str | Path, config: TrainConfig, work_dir: str | Path, roo
                        contrasts=("t1",))
 
 
-def recalibrate_on_ixi(model, out: str | Path, localization: dict | None, version: str | None, work_dir: str | Path,
-                       root=None, device: str = "auto", progress: bool = True) -> Path:
-    """Recalibrate `model` (after changing its heatmap settings) on the recorded split's validation and
-    calibration subjects, the ones its training used for that; the test subjects are never touched."""
+def recalibration_groups(root=None, leak_free: bool = False) -> tuple[list, dict[str, list[int]]]:
+    """The subjects a recalibration uses and its 'validation' (per-position slice statistics) and 'calibration'
+    (volume percentiles) indices into them. Default: the recorded validation and calibration subjects, as
+    training used them. `leak_free`: the calibration subjects alone, split in two halves, so that lesions
+    painted into the validation subjects (`real-set --split validation`) are scored against statistics
+    those subjects took no part in: the way to tune settings."""
+    if leak_free:
+        chosen = realdata.subjects_in("calibration", root)
+        half = len(chosen) // 2
+        return chosen, {"validation": list(range(half)), "calibration": list(range(half, len(chosen)))}
     subjects, groups = normal_subjects(root)
     keep = groups["validation"] + groups["calibration"]
-    chosen = [subjects[i] for i in keep]
-    masks = brain_masks(chosen, Path(work_dir), progress)
     n_val = len(groups["validation"])
+    return [subjects[i] for i in keep], {"validation": list(range(n_val)), "calibration": list(range(n_val, len(keep)))}
+
+
+def recalibrate_on_ixi(model, out: str | Path, localization: dict | None, version: str | None, work_dir: str | Path,
+                       root=None, device: str = "auto", progress: bool = True, leak_free: bool = False) -> Path:
+    """Recalibrate `model` (after changing its heatmap settings) on the subjects `recalibration_groups` names;
+    the test subjects are never touched."""
+    chosen, groups = recalibration_groups(root, leak_free)
+    masks = brain_masks(chosen, Path(work_dir), progress)
     return recalibrate_model(model, [realdata.data_root(root) / "ixi" / "T1"], out, localization, version=version,
                              device=device, progress=progress, scans=[s.t1 for s in chosen], masks=masks,
-                             groups={"validation": list(range(n_val)), "calibration": list(range(n_val, len(keep)))})
+                             groups=groups)
