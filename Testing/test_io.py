@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from cradl.atomic import atomic_files, atomic_path
 from cradl.errors import InputError, OutputError
-from cradl.io import atomic_files, atomic_path, plain_json, read_image, scan_stem, validate_image, write_json
+from cradl.io import plain_json, read_image, scan_stem, validate_image, write_json
 
 
 def volume(shape=(24, 40, 64), value=None, dtype=np.float32, spacing=(1.0, 1.6, 3.0)) -> sitk.Image:

@@ -269,7 +269,7 @@ def main(argv=None) -> int:
                  f"{'; views through the top-ranked region' if regions else '; views through the lesion'}{shown}")
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "review_views.png")
-    from cradl.io import atomic_path
+    from cradl.atomic import atomic_path
 
     with atomic_path(path) as tmp:
         figure.save(tmp, format="PNG")

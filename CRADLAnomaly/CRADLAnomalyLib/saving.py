@@ -10,8 +10,9 @@ import re
 from contextlib import contextmanager
 
 
+from cradl.atomic import AtomicFiles, atomic_files
 from cradl.errors import CradlError
-from cradl.io import AtomicFiles, atomic_files, plain_json, scan_stem
+from cradl.io import plain_json, scan_stem
 from cradl.outputs import output_names
 
 from .errors import BridgeError

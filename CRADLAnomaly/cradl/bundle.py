@@ -25,9 +25,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .atomic import atomic_path, writing
 from .calibration import check_loose, validate_calibration
 from .errors import ModelError
-from .io import atomic_path, writing
 from .manifest import ModelManifest
 from .space import ReferenceGrid
 

@@ -14,9 +14,9 @@ import threading
 import traceback
 from pathlib import Path
 
+from .atomic import check_output_folder, check_output_path, writing
 from .errors import CradlError, InputError, OutputError, one_line, scan_failure
-from .io import (IMAGE_SUFFIXES, check_output_folder, check_output_path, find_scans, is_image_path, read_image,
-                 stderr_lock, writing)
+from .io import IMAGE_SUFFIXES, find_scans, is_image_path, read_image, stderr_lock
 from .outputs import (CLI_KINDS, SCORES_ONLY, SUFFIXES, batch_plan, model_path, output_names, protected_files,
                       refuse_clashes, write_outputs)
 

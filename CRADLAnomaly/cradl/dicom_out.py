@@ -210,7 +210,7 @@ OVERLAY_FILE = re.compile(r"overlay_\d{4,}\.dcm")  # the overlay folder's files;
 
 def save_dicom_results(objects: list) -> dict:
     """Write built DICOM objects, all or nothing; returns {"seg", "pmap", "overlay": path or None}."""
-    from .io import atomic_files
+    from .atomic import atomic_files
 
     written = {"seg": None, "pmap": None, "overlay": None}
     with atomic_files() as files:
@@ -227,7 +227,7 @@ def save_dicom_results(objects: list) -> dict:
 
 
 def _save(dataset, tmp: Path, final) -> None:
-    from .io import writing
+    from .atomic import writing
 
     with writing(final):
         dataset.save_as(tmp, enforce_file_format=True)

@@ -31,8 +31,7 @@ from typing import Iterator
 import numpy as np
 import SimpleITK as sitk
 
-from .atomic import (AtomicFiles, atomic_files, atomic_path, check_output_folder, check_output_path,  # noqa: F401
-                     name_max, output_error, temporary_beside, temporary_suffix, writing)
+from .atomic import atomic_path, output_error, writing
 from .errors import InputError, OutputError
 
 log = logging.getLogger(__name__)

@@ -14,8 +14,9 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from .atomic import atomic_files, name_max, writing
 from .errors import CradlError, OutputError
-from .io import atomic_files, name_max, same_geometry, scan_stem, write_image_to, write_json_to, writing
+from .io import same_geometry, scan_stem, write_image_to, write_json_to
 
 # Output kind -> file-name suffix after the scan's stem.
 SUFFIXES = {

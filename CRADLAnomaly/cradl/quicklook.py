@@ -6,8 +6,8 @@ import numpy as np
 import SimpleITK as sitk
 from PIL import Image, ImageDraw
 
+from .atomic import atomic_path
 from .colormap import heat_over_grey, heat_rgb, heat_scale
-from .io import atomic_path
 from .space import ras_to_lps
 
 PANEL = 256

@@ -197,7 +197,7 @@ def _clear_leftovers(finals) -> None:
     '.STEM-XXXXXXXX.SUFFIX'): a half-written overlay folder, or an earlier one renamed aside."""
     import shutil
 
-    from ..io import temporary_suffix
+    from ..atomic import temporary_suffix
 
     for final in map(Path, finals):
         stem = final.name.split(".")[0][:64]

@@ -35,7 +35,8 @@ def summary_rows(rows: list[dict]) -> list[dict]:
 
 def write_summary(rows: list[dict], out_dir: Path, extra: dict | None = None) -> tuple[Path, Path]:
     """Write `summary.csv` and `summary.json` in `out_dir` (each atomically); returns their paths."""
-    from ..io import atomic_path, write_json, writing
+    from ..atomic import atomic_path, writing
+    from ..io import write_json
 
     table = summary_rows(rows)
     buffer = _io.StringIO()

@@ -72,7 +72,7 @@ def triage_order(rows: list[dict]) -> list[dict]:
 
 
 def write_worklist(rows: list[dict], out_dir: Path, title: str = "CRADL triage worklist") -> Path:
-    from ..io import atomic_path, writing
+    from ..atomic import atomic_path, writing
 
     out_dir = Path(out_dir)
     body = []

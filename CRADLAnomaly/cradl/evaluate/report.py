@@ -9,7 +9,8 @@ import platform
 import time
 from pathlib import Path
 
-from ..io import atomic_path, plain_json, write_json
+from ..atomic import atomic_path
+from ..io import plain_json, write_json
 
 
 # ----------------------------------------------------------------------------- the run and the targets

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from ..io import atomic_path, scan_stem, write_image, write_json
+from ..atomic import atomic_path
+from ..io import scan_stem, write_image, write_json
 from .lesions import ANOMALY_TYPES, insert_anomaly
 from .scans import CONTRASTS, make_normal_scan
 

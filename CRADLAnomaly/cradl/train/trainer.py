@@ -16,13 +16,14 @@ from sklearn.mixture import GaussianMixture
 from tqdm import tqdm
 
 from .. import __version__
+from ..atomic import atomic_path
 from ..bundle import load_bundle, save_bundle
 from ..calibration import DEFAULT_AGGREGATE, aggregate, fit_slice_statistics, slice_z_scores
 from ..detector import resolve_device
 from ..encoder import ProjectionHead, SliceEncoder
 from ..errors import CradlError, InputError
 from ..gmm import GaussianMixtureNLL
-from ..io import atomic_path, find_scans, read_image
+from ..io import find_scans, read_image
 from ..localize import scan_heatmap, score_slices
 from ..manifest import DEFAULT_LOCALIZATION, ModelManifest
 from ..preprocess import DEFAULT_NORMALISATION, PreparedScan, prepare_scan
