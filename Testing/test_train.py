@@ -71,7 +71,8 @@ def test_a_simclr_run_begun_on_another_device_resumes_here_and_names_both(tmp_pa
 
     def models():
         torch.manual_seed(0)
-        return SliceEncoder(config.width, config.feature_dim, config.grid), ProjectionHead(config.feature_dim, 4)
+        return (SliceEncoder(config.width, config.feature_dim, config.grid),
+                ProjectionHead(config.feature_dim, config.projection_dim))
 
     first = train_simclr(*models(), slices, config, torch.device("cpu"), checkpoint, progress=False)
     assert first.epochs_done == 2 and len(first.devices) == 1
