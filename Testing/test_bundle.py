@@ -266,6 +266,7 @@ def test_an_edited_manifest_fails_the_checksum(bundle_path):
     (lambda m: m["reference"].update(min_brain_fraction=2), "min_brain_fraction"),
     (lambda m: m["encoder"].update(width="32"), "encoder.width"),
     (lambda m: m.update(name=None), "name must be a string"),
+    (lambda m: m["normalisation"].update(bias_correction="n3"), "bias_correction must be 'n4' or absent"),
     (lambda m: m.update(localization={"smoothgrad_samples": 0, "noise_std": 0.05, "median_size": 5,
                                       "gaussian_sigma_px": 1.0}), "smoothgrad_samples"),
     (lambda m: m["calibration"].update(typicality={"mean": "x", "bad": [1.0, {"deep": {"set": [1, None]}}]}), None),

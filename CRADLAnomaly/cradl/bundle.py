@@ -296,6 +296,8 @@ def _validate_normalisation(normalisation: dict) -> None:
         if not isinstance(clip, list) or len(clip) != 2 or _number(clip[0], "normalisation.clip", -1e6, 1e6) \
                 >= _number(clip[1], "normalisation.clip", -1e6, 1e6):
             raise ValueError("normalisation.clip must be two increasing numbers")
+    if normalisation.get("bias_correction") not in (None, "n4"):
+        raise ValueError("normalisation.bias_correction must be 'n4' or absent")
     check_loose(normalisation, "normalisation")
 
 

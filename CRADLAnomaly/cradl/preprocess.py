@@ -86,6 +86,27 @@ def _check_resembles_brain(volume: np.ndarray, template: np.ndarray, core: np.nd
                          f"a brain MRI explains at least {MIN_TEMPLATE_EXPLAINED:.0%})")
 
 
+def correct_bias_field(image: sitk.Image, mask: sitk.Image, spacing_mm: float = 6.0) -> sitk.Image:
+    """The scan divided by its N4 bias field, estimated inside the brain mask.
+
+    The field is smooth, so it is estimated on a 6 mm copy and interpolated onto the scan's own grid
+    (evaluating N4's B-spline on a 1 mm grid instead took three times as long and changed the field by at
+    most 1%). These settings are the ones measured in the README. N4 works on logarithms: the brain's
+    intensities are shifted to be positive first (z-scored scans have negative ones) and shifted back after.
+    """
+    image = sitk.Cast(image, sitk.sitkFloat32)
+    brain = sitk.Cast(mask > 0, sitk.sitkUInt8)
+    values = sitk.GetArrayViewFromImage(image)[sitk.GetArrayViewFromImage(brain) > 0]
+    shift = float(max(0.0, -values.min()) + 0.01 * (values.max() - values.min()) + 1e-3)
+    positive = image + shift
+    coarse = coarse_copy(positive, spacing_mm)
+    corrector = sitk.N4BiasFieldCorrectionImageFilter()
+    corrector.SetMaximumNumberOfIterations([50, 50, 50])
+    corrector.Execute(coarse, resample(brain, coarse, interpolator=sitk.sitkNearestNeighbor))
+    log_field = resample(corrector.GetLogBiasFieldAsImage(coarse), positive, interpolator=sitk.sitkLinear)
+    return positive / sitk.Exp(log_field) - shift
+
+
 def brain_only(image: sitk.Image, mask: sitk.Image, normalisation: dict, spacing_mm: float) -> sitk.Image:
     """The scan at registration resolution, normalised inside its brain and 0 outside, like the template.
 
@@ -118,6 +139,8 @@ def prepare_scan(image: sitk.Image, space: ReferenceSpace, normalisation: dict, 
     if mask is None or not is_brain_sized(sitk.GetArrayViewFromImage(mask) > 0, image):
         region = mask
         mask, method = extract_brain(image)
+    if normalisation.get("bias_correction") == "n4":
+        image = correct_bias_field(image, mask)
     transform = transform or space.align(brain_only(image, mask, normalisation, space.grid.spacing), seed=seed)
     volume = space.to_reference(image, transform)
     brain = space.to_reference(sitk.Cast(mask > 0, sitk.sitkUInt8), transform, sitk.sitkNearestNeighbor) > 0
