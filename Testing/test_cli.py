@@ -246,3 +246,17 @@ def test_train_options_not_given_take_the_recipe_defaults():
     given = _train_config(parse(["train", "--normal", "n", "--out", "m.cradl", "--epochs", "3", "--components", "1",
                                  "2", "--geometry", "strong", "--description", "d"]))
     assert given == TrainConfig(epochs=3, gmm_components=(1, 2), geometry="strong", description="d")
+
+
+def test_bias_correction_is_off_for_train_unless_asked_and_on_for_the_default_recipe():
+    """`train` on a user's scans corrects bias fields only with --bias-correction n4; `train-real`, the
+    default model's recipe, corrects them unless told not to. The setting travels in the normalisation."""
+    from cradl.cli import _train_config, build_parser
+
+    parse = build_parser().parse_args
+    plain = _train_config(parse(["train", "--normal", "n", "--out", "m.cradl"]))
+    corrected = _train_config(parse(["train", "--normal", "n", "--out", "m.cradl", "--bias-correction", "n4"]))
+    assert "bias_correction" not in plain.normalisation
+    assert corrected.normalisation == {**plain.normalisation, "bias_correction": "n4"}
+    assert parse(["train-real", "--out", "m.cradl"]).bias_correction == "n4"
+    assert parse(["train-real", "--out", "m.cradl", "--bias-correction", "none"]).bias_correction == "none"

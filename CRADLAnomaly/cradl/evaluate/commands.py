@@ -76,8 +76,10 @@ def register_real(sub) -> None:
     p.add_argument("--epochs", type=int, default=10,
                    help="SimCLR epochs (the bundled model: 10, about 4.5 min each on 2 CPU cores; 300 took 8 min on "
                    "one H200 GPU with --device cuda but were not kept, see the README)")
+    p.add_argument("--bias-correction", choices=["n4", "none"], default="n4",
+                   help="N4 bias-field correction of every scan before alignment (default, as in the bundled model)")
     p.add_argument("--name", default="cradl-default")
-    p.add_argument("--version", default="2.1.0")
+    p.add_argument("--version", default="2.2.0")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.set_defaults(run=run_train_real)
 
@@ -134,11 +136,15 @@ def run_train_real(args) -> int:
 
     _require_real_data(args)  # before the imports (torch): bad data or options are refused at once
     check_bundle_out(args.out)
+    from ..cli import bias_corrected
     from ..train.real import train_on_ixi
     from ..train.trainer import TrainConfig
 
+    normalisation = bias_corrected(args.bias_correction)
     config = TrainConfig(epochs=args.epochs, name=args.name, version=args.version,
-                         description="CRADL trained on real healthy adults' T1 heads (IXI), brain-extracted")
+                         description="CRADL trained on real healthy adults' T1 heads (IXI), brain-extracted"
+                         + (", N4 bias-field corrected" if normalisation else ""),
+                         **({"normalisation": normalisation} if normalisation else {}))
     print(f"wrote {train_on_ixi(args.out, config, args.work, args.data, args.device, progress=not args.quiet)}")
     return 0
 
