@@ -68,7 +68,11 @@ def test_on_the_demo_scan_the_top_region_overlaps_the_painted_lesion(demo):
     run, out = demo
     assert "top region overlaps the painted lesion" in run.stdout, run.stdout
     report = json.loads((out / "sample_report.json").read_text())
-    assert report["volume_percentile"] >= 95 and not report["out_of_distribution"]
+    assert report["volume_percentile"] >= 95
+    # The 170 ml infarct raises most slices; whether the model then calls the scan not comparable (2.2.0 does:
+    # README, the demo's caption), the report says it in words and the regions are given all the same.
+    assert report["interpretation"].startswith("not comparable") == report["out_of_distribution"]
+    assert any("SD from normal" in w for w in report["warnings"]) == report["out_of_distribution"]
     assert report["brain_extraction"] == "network"  # a head with skull
 
 

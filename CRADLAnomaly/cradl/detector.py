@@ -68,7 +68,7 @@ class DetectionResult:
     def interpretation(self) -> str:
         if self.out_of_distribution:
             return ("not comparable: the scan is unlike every normal scan the model knows (another contrast, "
-                    "age group, artefacts?), so its score is not a finding")
+                    "age group, artefacts, or an abnormality spanning most slices?), so its score is not a finding")
         return describe_percentile(self.volume_percentile)
 
     def to_report(self) -> dict:
