@@ -74,8 +74,8 @@ def register_real(sub) -> None:
                        "calibration); the test subjects are never used. Resumes like `train`.")
     p.add_argument("--out", required=True, help="model bundle to write")
     p.add_argument("--epochs", type=int, default=10,
-                   help="SimCLR epochs (the bundled model: 10, about 4.5 min each on 2 CPU cores; 300 took 8 min on "
-                   "one H200 GPU with --device cuda but were not kept, see the README)")
+                   help="SimCLR epochs (about 4.5 min each on 2 CPU cores; the bundled model's encoder: 100, 3.7 min "
+                   "on one H200 GPU with --device cuda, see the README)")
     p.add_argument("--bias-correction", choices=["n4", "none"], default="n4",
                    help="N4 bias-field correction of every scan before alignment (default, as in the bundled model)")
     p.add_argument("--name", default="cradl-default")
