@@ -15,11 +15,11 @@ def template_and_field():
     """The 1 mm MNI T1 times a smooth left-right and front-back field of about +-25%, like IXI's (N4 found
     fields spanning 0.79-1.28 between their 5th and 95th percentiles in the brain)."""
     t1, mask = load_mni("t1"), load_mni_brain_mask()
-    z, y, x = np.indices(t1.GetSize()[::-1], dtype=np.float32)
+    _, y, x = np.indices(t1.GetSize()[::-1], dtype=np.float32)
     log_field = 0.25 * (x / x.max() - 0.5) * 2 + 0.1 * np.sin(np.pi * y / y.max())
     biased = sitk.GetImageFromArray(sitk.GetArrayFromImage(t1) * np.exp(log_field).astype(np.float32))
     biased.CopyInformation(t1)
-    return t1, mask, biased, log_field
+    return t1, mask, biased
 
 
 def _spread_of_log_ratio(image: sitk.Image, truth: sitk.Image, mask: sitk.Image) -> float:
@@ -31,21 +31,21 @@ def _spread_of_log_ratio(image: sitk.Image, truth: sitk.Image, mask: sitk.Image)
 
 @pytest.fixture(scope="module")
 def corrected(template_and_field):
-    t1, mask, biased, _ = template_and_field
+    t1, mask, biased = template_and_field
     return correct_bias_field(t1, mask), correct_bias_field(biased, mask)
 
 
 def test_a_planted_smooth_field_is_mostly_removed(template_and_field, corrected):
     """N4 also flattens some of the template's own smooth variation, so the planted field is judged by how
     far the corrected biased scan lies from the corrected original."""
-    t1, mask, biased, _ = template_and_field
+    t1, mask, biased = template_and_field
     from_original, from_biased = corrected
     assert _spread_of_log_ratio(from_biased, from_original, mask) < 0.25 * _spread_of_log_ratio(biased, t1, mask)
 
 
 def test_correction_keeps_the_grid_and_changes_a_scan_without_field_less_than_the_field_would(
         template_and_field, corrected):
-    t1, mask, biased, _ = template_and_field
+    t1, mask, biased = template_and_field
     from_original, _ = corrected
     assert from_original.GetSize() == t1.GetSize() and from_original.GetSpacing() == t1.GetSpacing()
     assert from_original.GetOrigin() == t1.GetOrigin() and from_original.GetDirection() == t1.GetDirection()
@@ -53,7 +53,7 @@ def test_correction_keeps_the_grid_and_changes_a_scan_without_field_less_than_th
 
 
 def test_z_scored_intensities_with_negative_values_are_corrected_without_error(template_and_field):
-    _, mask, biased, _ = template_and_field
+    _, mask, biased = template_and_field
     array = sitk.GetArrayFromImage(biased)
     inside = sitk.GetArrayFromImage(mask) > 0
     z_scored = sitk.GetImageFromArray(((array - array[inside].mean()) / array[inside].std()).astype(np.float32))

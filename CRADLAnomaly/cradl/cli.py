@@ -390,7 +390,7 @@ def _add_train(sub):
     p.add_argument("--learning-rate", type=float)
     p.add_argument("--bias-correction", choices=["n4", "none"], default="none",
                    help="N4 bias-field correction of every scan before alignment, in training and in every later "
-                   "detection with the model (about 4 s more per scan; it helped on the IXI heads, see the README)")
+                   "detection with the model (a second or more per scan; it helped on the IXI heads, see the README)")
     p.add_argument("--components", type=int, nargs="+", help="mixture sizes to try; the best held-out likelihood wins")
     p.add_argument("--name")
     p.add_argument("--version")
