@@ -420,12 +420,11 @@ def _train_config(args):
     return TrainConfig(**{key: value for key, value in given.items() if value is not None})
 
 
-def bias_corrected(choice: str) -> dict | None:
-    """The normalisation settings with N4 bias-field correction for `--bias-correction n4`; None (the
-    recipe's default, uncorrected) for 'none'."""
+def bias_corrected(choice: str) -> dict:
+    """The normalisation settings for `--bias-correction`: the default ones, with N4 for 'n4'."""
     from .preprocess import DEFAULT_NORMALISATION
 
-    return {**DEFAULT_NORMALISATION, "bias_correction": "n4"} if choice == "n4" else None
+    return {**DEFAULT_NORMALISATION, **({"bias_correction": "n4"} if choice == "n4" else {})}
 
 
 def run_train(args) -> int:

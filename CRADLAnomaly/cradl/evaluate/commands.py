@@ -140,11 +140,10 @@ def run_train_real(args) -> int:
     from ..train.real import train_on_ixi
     from ..train.trainer import TrainConfig
 
-    normalisation = bias_corrected(args.bias_correction)
     config = TrainConfig(epochs=args.epochs, name=args.name, version=args.version,
+                         normalisation=bias_corrected(args.bias_correction),
                          description="CRADL trained on real healthy adults' T1 heads (IXI), brain-extracted"
-                         + (", N4 bias-field corrected" if normalisation else ""),
-                         **({"normalisation": normalisation} if normalisation else {}))
+                         + (", N4 bias-field corrected" if args.bias_correction == "n4" else ""))
     print(f"wrote {train_on_ixi(args.out, config, args.work, args.data, args.device, progress=not args.quiet)}")
     return 0
 
