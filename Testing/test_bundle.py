@@ -255,6 +255,7 @@ def test_an_edited_manifest_fails_the_checksum(bundle_path):
     (lambda m: m["calibration"].update(voxel_threshold=1e9), "voxel_threshold"),
     (lambda m: m["calibration"].update(voxel_threshold=-1), "voxel_threshold"),
     (lambda m: m["calibration"].update(heatmap_scale=0), "heatmap_scale"),
+    (lambda m: m["calibration"].update(false_alarm_quantile=1.5), "false_alarm_quantile"),
     (lambda m: m["calibration"].update(slice_nll_std=[0.0] * 6), "slice_nll_std must be positive"),
     (lambda m: m["calibration"].update(slice_nll_mean=[1.0] * 5), "slice_nll_mean has 5 values"),
     (lambda m: m["calibration"].update(volume_scores=[]), "volume_scores must hold"),

@@ -176,11 +176,12 @@ def _folder_of(paths, folder):
 @pytest.mark.integration
 def test_calibrate_rederives_normal_statistics_and_keeps_the_weights(tiny_model, normal_cohort, tmp_path):
     from cradl.bundle import load_bundle
+    from cradl.train.trainer import config_from_manifest
 
     normals = _folder_of(sorted(normal_cohort.glob("normal_*.nii.gz"))[:4], tmp_path / "site_normals")
     out = tmp_path / "site.cradl"
     run = cradl("calibrate", "--model", tiny_model, "--normal", normals, "--out", out, "--smoothing", "2", "1",
-                "--slice-weighting", "0", "--quiet")
+                "--slice-weighting", "0", "--false-alarm-quantile", "0.8", "--quiet")
     assert run.returncode == 0, run.stderr
     assert "aligning" not in run.stderr and "calibrating" not in run.stderr  # --quiet: no progress bars
     before, after = load_bundle(tiny_model), load_bundle(out)
@@ -189,7 +190,9 @@ def test_calibrate_rederives_normal_statistics_and_keeps_the_weights(tiny_model,
     assert after.manifest.localization["gaussian_sigma_px"] == 2.0
     assert after.manifest.localization["gaussian_sigma_z_px"] == 1.0
     assert after.manifest.localization["slice_weight_z_scale"] == 0.0
-    assert after.manifest.calibration["n_scans"] == 2
+    assert after.manifest.calibration["n_scans"] == 4  # every scan is a percentile reference
+    assert after.manifest.calibration["false_alarm_quantile"] == 0.8
+    assert config_from_manifest(after.manifest).false_alarm_quantile == 0.8  # a later recalibration keeps it
     assert after.manifest.calibration["heatmap_scale"] != before.manifest.calibration["heatmap_scale"]
     assert after.manifest.recalibrations[-1]["n_scans"] == 4
 

@@ -226,17 +226,13 @@ def test_the_brain_mask_of_a_scan_seen_again_is_not_recomputed(monkeypatch):
 @needs_real_data
 def test_leak_free_recalibration_leaves_the_validation_subjects_out_of_every_statistic():
     from cradl import realdata
-    from cradl.train.real import recalibration_groups
+    from cradl.train.real import recalibration_subjects
 
     validation = {s.id for s in realdata.subjects_in("validation")}
     calibration = {s.id for s in realdata.subjects_in("calibration")}
-    for leak_free in (False, True):
-        chosen, groups = recalibration_groups(leak_free=leak_free)
-        ids = [s.id for s in chosen]
-        by_group = {g: {ids[i] for i in index} for g, index in groups.items()}
-        assert sorted(groups["validation"] + groups["calibration"]) == list(range(len(ids)))
-        assert not by_group["validation"] & by_group["calibration"]
-        if leak_free:
-            assert set(ids) == calibration and len(by_group["validation"]) == len(calibration) // 2
-        else:  # as training used them
-            assert by_group == {"validation": validation, "calibration": calibration}
+    test = set(realdata.recorded_split()["test"])
+    as_trained = [s.id for s in recalibration_subjects()]
+    leak_free = [s.id for s in recalibration_subjects(leak_free=True)]
+    assert sorted(as_trained) == sorted(validation | calibration)  # as training used them
+    assert sorted(leak_free) == sorted(calibration)
+    assert not (set(as_trained) | set(leak_free)) & test

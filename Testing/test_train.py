@@ -37,21 +37,72 @@ def test_prepared_scan_cache_is_reused_only_for_the_same_preparation(normal_coho
     assert "using cached" not in caplog.text
 
 
+def test_every_normal_reference_is_scored_against_the_other_normals_as_a_new_scan_would_be(tiny_model, normal_cohort):
+    """Calibration uses every held-out normal scan for every statistic: the slice statistics come from all of
+    them, and each scan's reference volume score and typical z from the statistics of the others."""
+    import numpy as np
+
+    from conftest import label_masks
+    from cradl.bundle import load_bundle
+    from cradl.calibration import aggregate, slice_z_scores
+    from cradl.localize import score_slices
+    from cradl.train.trainer import calibrate, config_from_manifest, slice_statistics
+    from cradl.typicality import typical_z
+
+    bundle = load_bundle(tiny_model)
+    config = config_from_manifest(bundle.manifest)
+    paths = sorted(normal_cohort.glob("normal_*.nii.gz"))[:5]
+    scans = prepare_all(paths, ReferenceSpace(bundle.grid, bundle.template, bundle.template_mask), config, None,
+                        progress=False, masks=label_masks(paths))
+    calibration = calibrate(bundle.encoder.eval(), bundle.gmm, scans, config, "cpu", progress=False)
+
+    nlls = [score_slices(s.slices, bundle.encoder, bundle.gmm, "cpu") for s in scans]
+    assert calibration["slice_nll_mean"] == slice_statistics(nlls, scans, config)["slice_nll_mean"]
+    unseen, typical = [], []
+    for i, scan in enumerate(scans):
+        others = slice_statistics(nlls[:i] + nlls[i + 1:], scans[:i] + scans[i + 1:], config)
+        unseen.append(aggregate(nlls[i], scan.slice_indices, others))
+        typical.append(typical_z(slice_z_scores(nlls[i], scan.slice_indices, others)))
+    np.testing.assert_allclose(calibration["volume_scores"], sorted(unseen), rtol=1e-5)
+    np.testing.assert_allclose(calibration["typicality"]["normal_values"], typical, atol=1e-3)
+    assert calibration["n_scans"] == calibration["n_heatmap_scans"] == 5
+    in_sample = [aggregate(n, s.slice_indices, calibration) for n, s in zip(nlls, scans)]
+    assert np.mean(unseen) > np.mean(in_sample)  # a scan inside the statistics flatters itself
+
+
+def test_a_slice_position_seen_in_too_few_normal_scans_takes_the_pooled_statistics():
+    """Slice weighting is exponential in the z-score, so a per-position spread from a handful of scans would
+    weight slices at random: such positions are read against all slices' mean and spread instead."""
+    import numpy as np
+
+    from cradl.calibration import MIN_SCANS_PER_POSITION, fit_slice_statistics
+
+    rng = np.random.default_rng(0)
+    n = MIN_SCANS_PER_POSITION
+    # position 0 in every scan, around 100; position 1 in all but one, around 106
+    nlls = [np.array([100, 106]) + rng.normal(0, 3, 2) for _ in range(n - 1)] + [np.array([100 + rng.normal(0, 3)])]
+    indices = [np.array([0, 1])] * (n - 1) + [np.array([0])]
+    means, stds = fit_slice_statistics(nlls, indices, n_slices=2)
+    assert means[0] == pytest.approx(np.mean([nll[0] for nll in nlls]))
+    assert stds[0] == pytest.approx(np.std([nll[0] for nll in nlls], ddof=1))
+    pooled = np.concatenate(nlls)
+    assert means[1] == pytest.approx(pooled.mean()) and stds[1] == pytest.approx(pooled.std())
+
+
 @pytest.mark.integration
-def test_recalibration_on_given_groups_uses_each_group_for_its_own_statistics(tiny_model, normal_cohort, tmp_path):
-    """As `calibrate-real` does for the bundled model: named validation and calibration scans, their own brain
-    masks, new heatmap settings; the weights stay."""
+def test_recalibration_keeps_the_weights_and_uses_every_scan(tiny_model, normal_cohort, tmp_path):
+    """As `calibrate-real` does for the bundled model: named scans, their own brain masks, new heatmap
+    settings; the weights and the mixture stay."""
     from conftest import label_masks
     from cradl.bundle import load_bundle
     from cradl.train.trainer import recalibrate_model
 
     scans = sorted(normal_cohort.glob("normal_*.nii.gz"))[:5]
     out = recalibrate_model(tiny_model, None, tmp_path / "recal.cradl", {"slice_weight_z_scale": 4.0},
-                            version="0.0.2", progress=False, scans=scans, masks=label_masks(scans),
-                            groups={"validation": [0, 1], "calibration": [2, 3, 4]})
+                            version="0.0.2", progress=False, scans=scans, masks=label_masks(scans))
     before, after = load_bundle(tiny_model).manifest, load_bundle(out).manifest
     assert after.version == "0.0.2" and after.localization["slice_weight_z_scale"] == 4.0
-    assert after.calibration["n_scans"] == 3 and after.calibration["n_heatmap_scans"] == 5
+    assert after.calibration["n_scans"] == 5 and after.calibration["n_heatmap_scans"] == 5
     assert after.gmm == before.gmm
 
 

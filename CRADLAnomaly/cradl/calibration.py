@@ -41,6 +41,13 @@ def percentile(score: float, calibration: dict) -> float:
     return float(100.0 * below / len(normal))
 
 
+# Per-position statistics need this many normal scans at a position; with fewer, the pooled ones serve. The
+# heatmap's slice weighting is exponential in the z-score, so a spread from a handful of scans weights
+# slices at random: calibrated on 4 synthetic normals, the tiny test model's heatmap no longer favoured
+# its lesion (mean inside / mean in the brain 0.98) until these positions were pooled.
+MIN_SCANS_PER_POSITION = 10
+
+
 def fit_slice_statistics(per_scan_nll: list[np.ndarray], per_scan_indices: list[np.ndarray],
                          n_slices: int) -> tuple[list[float], list[float]]:
     """Mean and spread of normal slice NLLs at each reference slice; pooled where data are thin."""
@@ -52,7 +59,7 @@ def fit_slice_statistics(per_scan_nll: list[np.ndarray], per_scan_indices: list[
     pooled_std = float(np.std(pooled)) or 1.0
     means, stds = [], []
     for values in sums:
-        if len(values) >= 3:
+        if len(values) >= MIN_SCANS_PER_POSITION:
             means.append(float(np.mean(values)))
             # never trust a spread below a fraction of the pooled one: few scans underestimate it
             stds.append(max(float(np.std(values, ddof=1)), 0.25 * pooled_std))
@@ -99,6 +106,7 @@ def validate_calibration(calibration: dict, n_slices: int) -> None:
     _number(calibration, "heatmap_scale", 0.0, 1e12, low_open=True)
     _number(calibration, "voxel_threshold", 0.0, MAX_THRESHOLD, low_open=True)
     _number(calibration, "min_region_mm3", 0.0, 1e9)
+    _number(calibration, "false_alarm_quantile", 0.0, 1.0, low_open=True, required=False)
     _number(calibration, "n_scans", 1, 1e9, integer=True, required=False)
     _number(calibration, "n_heatmap_scans", 1, 1e9, integer=True, required=False)
     if "normal_region_bounds" in calibration:
@@ -133,7 +141,8 @@ def _number(calibration: dict, key: str, low, high, low_open=False, required=Tru
 
 
 _KNOWN_FIELDS = {"slice_nll_mean", "slice_nll_std", "volume_scores", "volume_aggregate", "heatmap_scale",
-                 "voxel_threshold", "min_region_mm3", "n_scans", "n_heatmap_scans", "normal_region_bounds"}
+                 "voxel_threshold", "min_region_mm3", "n_scans", "n_heatmap_scans", "normal_region_bounds",
+                 "false_alarm_quantile"}
 
 
 def _is_number(value) -> bool:

@@ -471,9 +471,6 @@ def _add_calibrate(sub):
     _add_normals_and_bundle_out(p)
     p.add_argument("--model", help="model bundle to start from; default: the bundled model")
     add_heatmap_options(p)
-    p.add_argument("--false-alarm-quantile", type=float,
-                   help="quantile, over the normal scans, of the heatmap level a region needs to be shown "
-                   "(higher: fewer false regions, fewer detections); default: the model's")
     p.add_argument("--version", help="version of the new bundle; default: the model's")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -481,12 +478,16 @@ def _add_calibrate(sub):
 
 
 def add_heatmap_options(p) -> None:
-    """The heatmap settings a recalibration may change (calibrate, calibrate-real)."""
+    """The heatmap settings a recalibration may change (calibrate, calibrate-real); `heatmap_overrides` reads
+    and checks them."""
     p.add_argument("--smoothing", type=float, nargs=2, metavar=("IN_PLANE_PX", "ACROSS_SLICES_PX"),
                    help="Gaussian sigmas of the heatmap post-processing; default: the model's")
     p.add_argument("--slice-weighting", type=float, metavar="Z_SCALE",
                    help="weight each slice's heatmap by exp(z / Z_SCALE) of its score's z-score; 0 turns it off; "
                    "default: the model's")
+    p.add_argument("--false-alarm-quantile", type=float,
+                   help="quantile, over the normal scans, of the heatmap level a region needs to be shown "
+                   "(higher: fewer false regions, fewer detections); default: the model's")
 
 
 def heatmap_overrides(args) -> dict | None:
@@ -499,6 +500,8 @@ def heatmap_overrides(args) -> dict | None:
         if args.slice_weighting < 0:
             raise CradlError("--slice-weighting must be zero or positive")
         overrides["slice_weight_z_scale"] = args.slice_weighting
+    if args.false_alarm_quantile is not None and not 0 < args.false_alarm_quantile <= 1:
+        raise CradlError("--false-alarm-quantile must be in (0, 1]")
     return overrides or None
 
 
@@ -508,8 +511,6 @@ def run_calibrate(args) -> int:
                                 + [("--model", model_path(args.model))])
     refuse_clashes([("--out", Path(args.out))], protected)
     overrides = heatmap_overrides(args)
-    if args.false_alarm_quantile is not None and not 0 < args.false_alarm_quantile <= 1:
-        raise CradlError("--false-alarm-quantile must be in (0, 1]")
     from .train.trainer import recalibrate_model
 
     out = recalibrate_model(args.model, args.normal, args.out, overrides, args.false_alarm_quantile, args.version,

@@ -9,7 +9,7 @@ from scipy import ndimage, stats
 
 from .brain import extract_brain, is_brain_sized
 from .errors import InputError
-from .space import ReferenceSpace, coarse_copy, resample
+from .space import ReferenceSpace, coarse_copy, coarse_mask, resample
 
 DEFAULT_NORMALISATION = {"method": "robust-range", "low_percentile": 1.0, "high_percentile": 99.0,
                          "clip": [-0.5, 2.0]}
@@ -102,9 +102,7 @@ def correct_bias_field(image: sitk.Image, mask: sitk.Image, spacing_mm: float = 
     values = sitk.GetArrayViewFromImage(positive)[sitk.GetArrayViewFromImage(brain) > 0]
     shift = float(max(0.0, -values.min()) + 0.01 * (values.max() - values.min()) + 1e-3)
     positive = positive + shift
-    coarse = coarse_copy(positive, spacing_mm)
-    # the coarse mask by majority over each block: with even block sizes a nearest neighbour is a tie
-    coarse_brain = sitk.Cast(coarse_copy(sitk.Cast(brain, sitk.sitkFloat32), spacing_mm) > 0.5, sitk.sitkUInt8)
+    coarse, coarse_brain = coarse_copy(positive, spacing_mm), coarse_mask(brain, spacing_mm)
     corrector = sitk.N4BiasFieldCorrectionImageFilter()
     corrector.SetMaximumNumberOfIterations([50, 50, 50])
     corrector.Execute(coarse, coarse_brain)
@@ -129,12 +127,10 @@ def brain_only(image: sitk.Image, mask: sitk.Image, normalisation: dict, spacing
     skull-stripped template, the whole head pulled the brain towards the skull and the neck.
     """
     coarse = coarse_copy(sitk.Cast(image, sitk.sitkFloat32), spacing_mm)
-    # a copy, not a view: the resampled image is a temporary, and a view into it would dangle
-    coarse_mask = sitk.GetArrayFromImage(resample(sitk.Cast(mask > 0, sitk.sitkUInt8), coarse,
-                                                  interpolator=sitk.sitkNearestNeighbor)) > 0
-    if coarse_mask.sum() < 100:
+    brain = sitk.GetArrayFromImage(coarse_mask(mask, spacing_mm)) > 0
+    if brain.sum() < 100:
         raise InputError("the brain mask covers almost none of the scan")
-    array = normalise_intensity(sitk.GetArrayFromImage(coarse), coarse_mask, normalisation)
+    array = normalise_intensity(sitk.GetArrayFromImage(coarse), brain, normalisation)
     out = sitk.GetImageFromArray(np.clip(array, 0.0, None))
     out.CopyInformation(coarse)
     return out

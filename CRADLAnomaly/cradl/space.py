@@ -135,6 +135,13 @@ def coarse_copy(image: sitk.Image, spacing: float) -> sitk.Image:
     return image if max(factors) == 1 else sitk.BinShrink(image, factors)
 
 
+def coarse_mask(mask: sitk.Image, spacing: float) -> sitk.Image:
+    """A mask on `coarse_copy`'s grid, by majority over each block. A nearest neighbour would be a tie with
+    even blocks (a 1 mm scan onto 2 mm), broken by the last bits of the geometry, which differ between file
+    formats."""
+    return sitk.Cast(coarse_copy(sitk.Cast(mask > 0, sitk.sitkFloat32), spacing) > 0.5, sitk.sitkUInt8)
+
+
 def _run_registration(fixed, moving, initial, fixed_mask, seed, shrink):
     reg = sitk.ImageRegistrationMethod()
     reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)

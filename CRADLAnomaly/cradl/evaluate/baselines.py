@@ -2,8 +2,8 @@
 
 Every method works on the same `PreparedScan` the detector makes (the model's reference space and
 intensity normalisation), is fitted on the model's own training split of the normal cohort, and is
-calibrated the same way the trainer calibrates CRADL (slice statistics on the validation split;
-heatmap scale, voxel threshold and normal volume scores on the calibration split). So only the
+calibrated the same way the trainer calibrates CRADL (slice statistics, heatmap scale, voxel threshold
+and leave-one-out normal volume scores on the validation and calibration splits together). So only the
 scoring differs between methods, never the data or the calibration.
 
 * `CradlMethod`: an `AnomalyDetector` built around another encoder / mixture (K = 1, 2, 4, 8; the
@@ -40,7 +40,7 @@ from ..localize import postprocess_saliency
 from ..preprocess import PreparedScan
 from ..train.simclr import train_simclr
 from ..train.trainer import (TrainConfig, calibrate, calibrate_heatmaps, config_from_manifest, encode, fit_mixture,
-                             prepare_all, select_mixture, slice_statistics, split_scans)
+                             leave_one_out, prepare_all, select_mixture, slice_statistics, split_scans)
 
 log = logging.getLogger("cradl.evaluate")
 
@@ -168,7 +168,7 @@ def cradl_variant(base: AnomalyDetector, name: str, features: nn.Module, gmm: Ga
     """A detector sharing the base's reference space and settings, with its own features, mixture and calibration."""
     features = features.to(base.device).eval()
     gmm = gmm.to(base.device).eval()
-    calibration = calibrate(features, gmm, cohort.pick(cohort.val), cohort.pick(cohort.cal), cohort.config,
+    calibration = calibrate(features, gmm, cohort.pick(np.concatenate([cohort.val, cohort.cal])), cohort.config,
                             base.device, cohort.progress)
     manifest = base.bundle.manifest.with_fields(calibration=calibration, name=f"{base.bundle.name}:{name}")
     bundle = ModelBundle(manifest, features, gmm, base.bundle.template, base.bundle.template_mask, base.bundle.path)
@@ -268,21 +268,17 @@ def projection_head_variants(base: AnomalyDetector, cohort: Cohort, checkpoint: 
 
 
 def _calibrate_method(method: Method, cohort: Cohort) -> dict:
-    """The trainer's calibration steps on a method's own scores. Unlike CRADL's (`calibrate`), the heatmap
-    scale and threshold come from the calibration scans alone, on the whole reference grid, and there is
-    no typicality model."""
+    """The trainer's calibration steps on a method's own scores, over the validation and calibration scans,
+    normal volume scores by leave-one-out. Unlike CRADL's (`calibrate`), the heatmaps are the whole
+    reference grid's, and there is no typicality model."""
     config = cohort.config
-    val = cohort.pick(cohort.val)
-    calibration = slice_statistics([method.score(s, heatmap=False)[0] for s in val], val, config)
-    heats, masks, nlls, cal = [], [], [], cohort.pick(cohort.cal)
-    method.calibration = dict(calibration, heatmap_scale=1.0)
-    for s in cal:
-        nll, heat = method.score(s, heatmap=True)
-        nlls.append(nll)
-        heats.append(heat)
-        masks.append(s.mask)
-    calibration["volume_scores"] = sorted(aggregate(n, s.slice_indices, calibration) for n, s in zip(nlls, cal))
-    calibration.update(calibrate_heatmaps(heats, masks, config))
+    scans = cohort.pick(np.concatenate([cohort.val, cohort.cal]))
+    method.calibration = {"heatmap_scale": 1.0}
+    nlls, heats = zip(*(method.score(s, heatmap=True) for s in scans))
+    calibration = slice_statistics(list(nlls), scans, config)
+    calibration["volume_scores"] = sorted(aggregate(nll, scan.slice_indices, others)
+                                          for scan, nll, others in leave_one_out(list(nlls), scans, config))
+    calibration.update(calibrate_heatmaps(list(heats), [s.mask for s in scans], config))
     return calibration
 
 

@@ -79,7 +79,7 @@ def register_real(sub) -> None:
     p.add_argument("--bias-correction", choices=["n4", "none"], default="n4",
                    help="N4 bias-field correction of every scan before alignment (default, as in the bundled model)")
     p.add_argument("--name", default="cradl-default")
-    p.add_argument("--version", default="2.2.0")
+    p.add_argument("--version", default="2.3.0")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.set_defaults(run=run_train_real)
 
@@ -92,9 +92,8 @@ def register_real(sub) -> None:
     p.add_argument("--model", help="model bundle (default: the bundled model)")
     p.add_argument("--out", required=True, help="model bundle to write")
     p.add_argument("--leak-free", action="store_true",
-                   help="recalibrate on the 22 calibration subjects alone (11 for the slice statistics, 11 for the "
-                   "percentiles), leaving the validation subjects out of every statistic: score `real-set --split "
-                   "validation` cases with this bundle to tune settings")
+                   help="recalibrate on the 22 calibration subjects alone, leaving the validation subjects out of "
+                   "every statistic: score `real-set --split validation` cases with this bundle to tune settings")
     add_heatmap_options(p)
     p.add_argument("--version", help="version of the new bundle; default: the model's")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -159,7 +158,8 @@ def run_calibrate_real(args) -> int:
     from ..train.real import recalibrate_on_ixi
 
     out = recalibrate_on_ixi(args.model, args.out, overrides, args.version, args.work, args.data, args.device,
-                             progress=not args.quiet, leak_free=args.leak_free)
+                             progress=not args.quiet, leak_free=args.leak_free,
+                             false_alarm_quantile=args.false_alarm_quantile)
     print(f"wrote {out}")
     return 0
 

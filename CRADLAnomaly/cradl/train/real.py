@@ -45,28 +45,22 @@ def train_on_ixi(out: str | Path, config: TrainConfig, work_dir: str | Path, roo
                        contrasts=("t1",))
 
 
-def recalibration_groups(root=None, leak_free: bool = False) -> tuple[list, dict[str, list[int]]]:
-    """The subjects a recalibration uses and its 'validation' (per-position slice statistics) and 'calibration'
-    (volume percentiles) indices into them. Default: the recorded validation and calibration subjects, as
-    training used them. `leak_free`: the calibration subjects alone, split in two halves, so that lesions
-    painted into the validation subjects (`real-set --split validation`) are scored against statistics
-    those subjects took no part in: the way to tune settings."""
+def recalibration_subjects(root=None, leak_free: bool = False) -> list:
+    """The subjects a recalibration uses. Default: the recorded validation and calibration subjects, as
+    training used them. `leak_free`: the calibration subjects alone, so that lesions painted into the
+    validation subjects (`real-set --split validation`) are scored against statistics those subjects took
+    no part in: the way to tune settings."""
     if leak_free:
-        chosen = realdata.subjects_in("calibration", root)
-        half = len(chosen) // 2
-        return chosen, {"validation": list(range(half)), "calibration": list(range(half, len(chosen)))}
-    subjects, groups = normal_subjects(root)
-    keep = groups["validation"] + groups["calibration"]
-    n_val = len(groups["validation"])
-    return [subjects[i] for i in keep], {"validation": list(range(n_val)), "calibration": list(range(n_val, len(keep)))}
+        return realdata.subjects_in("calibration", root)
+    return realdata.subjects_in("validation", root) + realdata.subjects_in("calibration", root)
 
 
 def recalibrate_on_ixi(model, out: str | Path, localization: dict | None, version: str | None, work_dir: str | Path,
-                       root=None, device: str = "auto", progress: bool = True, leak_free: bool = False) -> Path:
-    """Recalibrate `model` (after changing its heatmap settings) on the subjects `recalibration_groups` names;
+                       root=None, device: str = "auto", progress: bool = True, leak_free: bool = False,
+                       false_alarm_quantile: float | None = None) -> Path:
+    """Recalibrate `model` (after changing its heatmap settings) on the subjects `recalibration_subjects` names;
     the test subjects are never touched."""
-    chosen, groups = recalibration_groups(root, leak_free)
+    chosen = recalibration_subjects(root, leak_free)
     masks = brain_masks(chosen, Path(work_dir), progress)
-    return recalibrate_model(model, [realdata.data_root(root) / "ixi" / "T1"], out, localization, version=version,
-                             device=device, progress=progress, scans=[s.t1 for s in chosen], masks=masks,
-                             groups=groups)
+    return recalibrate_model(model, [realdata.data_root(root) / "ixi" / "T1"], out, localization,
+                             false_alarm_quantile, version, device, progress, [s.t1 for s in chosen], masks)
