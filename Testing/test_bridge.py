@@ -566,6 +566,29 @@ def test_file_batch_names_its_outputs_as_the_cli_batch_does(tmp_path):
     assert Path(summary[1]["files"]["heatmap"]).name == "scan_nrrd_anomaly_heatmap.nii.gz"
 
 
+class _UnfamiliarFileDetector(_FakeFileDetector):
+    """A scan unlike the model's normal scans: the core's report words it so."""
+
+    def detect(self, path, **options):
+        from cradl.detector import DetectionResult
+
+        result = super().detect(path, **options)
+        words = DetectionResult(9.0, 100.0, [], [], 2.0, 100.0, {"name": "m", "version": "1"},
+                                typicality={"typical_z": 6.0, "limit": 2.5, "out_of_distribution": True}).interpretation
+        report = result.to_report
+        result.to_report = lambda: {**report(), "interpretation": words}
+        return result
+
+
+def test_the_file_batch_words_an_unfamiliar_scan_as_the_panel_does(tmp_path):
+    """The panel's summary, the file batch's log and the review figure's title share `review.verdict`."""
+    logged = []
+    pipeline.processFiles(_UnfamiliarFileDetector(), [tmp_path / "in" / "scan.nii.gz"], str(tmp_path / "out"),
+                          log=logged.append)
+    assert "not comparable" in logged[-1] and "unusual" not in logged[-1]
+    assert review.verdict({"volume_percentile": 97.5}) == review.percentileWords(97.5)
+
+
 def test_user_messages_come_from_the_error_classes():
     from cradl.errors import CradlError, ModelError
 

@@ -13,7 +13,7 @@ from .display import (setupHeatmapDisplay, showOverlay, setOverlayOpacity, setHe
 from .nodes import findResultNode, findResultNodes, removeResultNodes, nodesByClass, isResultNode, resultNodeIDs
 from . import nodes
 from .review import (fillSliceScoreTable, fillRegionTable, setupSliceScorePlot, jumpSlicesToRAS, sliceCentre,
-                     regionCentre, nextRegionRow, summarize, percentileWords, sliceRowFromPlotSelection,
+                     regionCentre, nextRegionRow, summarize, percentileWords, verdict, sliceRowFromPlotSelection,
                      NORMAL_Z_LIMIT)
 from .segmentation import createSegmentation, rankedRegionLabels
 from .saving import saveFileResults, safeBaseName
@@ -29,7 +29,7 @@ __all__ = [  # the bridge's public names, re-exported
     "setOverlayOpacity", "setHeatmapThreshold", "heatmapThreshold", "heatmapDisplayMax", "calibratedThreshold",
     "addColorLegend", "DEFAULT_OPACITY", "findResultNode", "findResultNodes", "removeResultNodes", "nodesByClass",
     "isResultNode", "resultNodeIDs", "nodes", "fillSliceScoreTable", "fillRegionTable", "setupSliceScorePlot",
-    "jumpSlicesToRAS", "sliceCentre", "regionCentre", "nextRegionRow", "summarize", "percentileWords",
+    "jumpSlicesToRAS", "sliceCentre", "regionCentre", "nextRegionRow", "summarize", "percentileWords", "verdict",
     "sliceRowFromPlotSelection", "NORMAL_Z_LIMIT", "createSegmentation", "rankedRegionLabels", "saveFileResults",
     "safeBaseName", "SceneResult", "SceneDetection", "applyResult", "detectVolumeNode", "inputImages",
     "processFiles", "reportOf", "saveSceneResults", "DetectionJob", "ModelInfoJob", "WorkerError", "RUNNING",

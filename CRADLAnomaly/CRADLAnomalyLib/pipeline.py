@@ -201,7 +201,7 @@ def processFiles(detector, paths, outputDir: str, progress=None, cancel=None, lo
     for n, (path, outputs) in enumerate(zip(paths, plan)):
         try:
             entry = _processFile(detector, path, outputs, _batchProgress(progress, n, len(paths), path), cancel)
-            log(f"CRADL: {path}: {R.percentileWords(entry['volume_percentile'] or 0.0)}")
+            log(f"CRADL: {path}: {R.verdict(entry)}")
         except DetectionCancelled:  # cancel stops the batch
             raise
         except Exception as error:  # noqa: BLE001 - batch keeps going
@@ -226,4 +226,4 @@ def _processFile(detector, path: str, outputs: dict, progress, cancel) -> dict:
     report["files"] = {kind: final.name for kind, final in outputs.items() if kind != "report"}
     written = write_outputs(result, outputs, report=report)
     return {"input": path, "ok": True, "files": {kind: str(final) for kind, final in written.items()},
-            "volume_percentile": report.get("volume_percentile")}
+            "volume_percentile": report.get("volume_percentile"), "interpretation": report.get("interpretation")}

@@ -182,6 +182,11 @@ def composeFigure(images: dict, displayMax: float, threshold: float, title: str 
     return figure
 
 
+def _headline(words: str, longest: int = 80) -> str:
+    """The verdict for a one-line title: its first clause where the whole would not fit."""
+    return words if len(words) <= longest else words.split(":")[0]
+
+
 def renderReview(scene, sliceLogics, inputNode, heatmapNode, centreRas, title="", subtitle="", zoom=1.0):
     """Render the three views of an input with its heatmap overlay into a composed PIL figure."""
     from .display import heatmapDisplayMax, heatmapThreshold, showOverlay
@@ -264,7 +269,7 @@ def main(argv=None) -> int:
         shown = f"; heatmap shown above {args.show_above:g} (calibrated threshold {result.report['threshold']:.2g})"
     figure, images = renderReview(
         scene, sliceLogics, inputNode, result.heatmapNode, centre, zoom=args.zoom,
-        title=f"CRADL anomaly heatmap \u2014 {review.percentileWords(result.report['volume_percentile'])}",
+        title=f"CRADL anomaly heatmap \u2014 {_headline(review.verdict(result.report))}",
         subtitle=f"{caption}; model {info['name']} {info['version']}"
                  f"{'; views through the top-ranked region' if regions else '; views through the lesion'}{shown}")
     os.makedirs(args.out, exist_ok=True)

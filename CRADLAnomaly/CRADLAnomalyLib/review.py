@@ -212,18 +212,21 @@ def percentileWords(percentile: float) -> str:
     return describe_percentile(percentile)
 
 
+def verdict(report: dict) -> str:
+    """What the whole scan's score means: the core's own words where the report has them (for a scan unlike
+    the model's normals they say "not comparable", not "highly unusual"), else the percentile's."""
+    return report.get("interpretation") or percentileWords(float(report.get("volume_percentile") or 0.0))
+
+
 def _fmt_volume(mm3: float) -> str:
     return f"{mm3 / 1000.0:.1f} cm\u00b3" if mm3 >= 1000 else f"{mm3:.0f} mm\u00b3"
 
 
 def summarize(report: dict) -> str:
     """Two or three plain sentences for the panel (and the console)."""
-    percentile = float(report.get("volume_percentile", 0.0))
     score = float(report.get("volume_score", 0.0))
     regions = report.get("regions") or []
-    # the core's own words win: for a scan unlike the model's normals they say "not comparable"
-    words = report.get("interpretation") or percentileWords(percentile)
-    lines = [f"Whole scan: {words} (score {score:.3g})."]
+    lines = [f"Whole scan: {verdict(report)} (score {score:.3g})."]
     if not regions:
         lines.append("No region exceeds the anomaly threshold.")
     else:
