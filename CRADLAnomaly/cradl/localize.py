@@ -110,8 +110,20 @@ def scan_heatmap(volume: np.ndarray, mask: np.ndarray, indices: np.ndarray, enco
 
     `slice_stats`: the per-position slice NLL mean and spread of normal scans (a model's calibration), which
     the slice weighting reads."""
-    nll, saliency = score_and_saliency(volume[indices], indices, encoder, gmm, config, device, batch_size, progress)
-    heat = postprocess_saliency(saliency, mask[indices], config, indices)
-    weights = slice_weights(slice_z_scores(nll, indices, slice_stats), config)
-    return nll, heat * weights[:, None, None]
+    nll, heat = unweighted_heatmap(volume, mask, indices, encoder, gmm, config, device, batch_size, progress)
+    return nll, weigh_slices(heat, nll, indices, config, slice_stats)
 
+
+def unweighted_heatmap(volume: np.ndarray, mask: np.ndarray, indices: np.ndarray, encoder: SliceEncoder,
+                       gmm: GaussianMixtureNLL, config: dict, device: torch.device, batch_size: int = 16,
+                       progress: Callable[[float], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """`scan_heatmap` before the slice weighting, which needs normal statistics (calibration computes
+    those from these very NLLs)."""
+    nll, saliency = score_and_saliency(volume[indices], indices, encoder, gmm, config, device, batch_size, progress)
+    return nll, postprocess_saliency(saliency, mask[indices], config, indices)
+
+
+def weigh_slices(heat: np.ndarray, nll: np.ndarray, indices: np.ndarray, config: dict,
+                 slice_stats: dict) -> np.ndarray:
+    """Each slice's heatmap times its `slice_weights`, from its NLL's z-score against `slice_stats`."""
+    return heat * slice_weights(slice_z_scores(nll, indices, slice_stats), config)[:, None, None]

@@ -24,7 +24,7 @@ from ..encoder import ProjectionHead, SliceEncoder
 from ..errors import CradlError, InputError
 from ..gmm import GaussianMixtureNLL
 from ..io import find_scans, read_image
-from ..localize import scan_heatmap, score_slices
+from ..localize import unweighted_heatmap, weigh_slices
 from ..manifest import DEFAULT_LOCALIZATION, ModelManifest
 from ..preprocess import DEFAULT_NORMALISATION, PreparedScan, prepare_scan
 from ..pins import DEEPBET
@@ -270,20 +270,22 @@ def calibrate(encoder, gmm, scans: list[PreparedScan], config: TrainConfig, dev,
     and the CRADL variants."""
     for p in encoder.parameters():
         p.requires_grad_(False)
-    nlls = [score_slices(s.slices, encoder, gmm, dev) for s in scans]
+    # one network pass per scan (NLLs and heatmap together, as detection does); the slice weighting waits
+    # for the statistics of the other scans
+    scored = [unweighted_heatmap(s.volume, s.mask, s.slice_indices, encoder, gmm, config.localization, dev)
+              for s in tqdm(scans, desc="calibrating on held-out normals", unit="scan", disable=not progress)]
+    nlls = [nll for nll, _ in scored]
     stats = slice_statistics(nlls, scans, config)
-    volume_scores, slice_z, heats, masks = [], [], [], []
-    for scan, nll, own in tqdm(leave_one_out(nlls, scans, config), total=len(scans),
-                               desc="calibrating on held-out normals", unit="scan", disable=not progress):
+    volume_scores, slice_z, heats = [], [], []
+    for (scan, nll, own), (_, heat) in zip(leave_one_out(nlls, scans, config), scored):
         idx = scan.slice_indices
-        heats.append(scan_heatmap(scan.volume, scan.mask, idx, encoder, gmm, config.localization, dev, own)[1])
-        masks.append(scan.mask[idx])
+        heats.append(weigh_slices(heat, nll, idx, config.localization, own))
         volume_scores.append(aggregate(nll, idx, own))
         slice_z.append(slice_z_scores(nll, idx, own))
     stats["volume_scores"] = sorted(volume_scores)
     stats["typicality"] = fit_typicality(slice_z)
     stats.update({"n_scans": len(scans), "n_heatmap_scans": len(heats)})
-    stats.update(calibrate_heatmaps(heats, masks, config))
+    stats.update(calibrate_heatmaps(heats, [s.mask[s.slice_indices] for s in scans], config))
     return stats
 
 
