@@ -18,6 +18,7 @@ from cradl.bundle import load_bundle, save_bundle
 from cradl.encoder import SliceEncoder
 from cradl.errors import ModelError
 from cradl.gmm import GaussianMixtureNLL
+from cradl.manifest import DEFAULT_LOCALIZATION
 from cradl.space import ReferenceGrid
 
 GRID = ReferenceGrid((16, 16, 6), 3.0, (-24.0, -24.0, -9.0))
@@ -36,8 +37,13 @@ def bundle_path(tmp_path):
                 "normalisation": {}, "localization": {}, "calibration": CALIBRATION}
     template = np.random.default_rng(1).random((6, 16, 16)).astype(np.float32)
     path = tmp_path / "unit.cradl"
-    save_bundle(path, manifest, encoder, gmm, template, (template > 0.5).astype(np.uint8))
+    save_bundle(path, manifest, encoder, gmm, template, (template > 0.5).astype(np.uint8), normal_mean(template))
     return path
+
+
+def normal_mean(template):
+    """A normal mean image as calibration makes it: NaN where the normal scans have no brain."""
+    return np.where(template > 0.5, template, np.nan).astype(np.float32)
 
 
 def test_round_trip_restores_weights_mixture_and_template(bundle_path):
@@ -48,6 +54,7 @@ def test_round_trip_restores_weights_mixture_and_template(bundle_path):
     assert bundle.name == "unit" and bundle.version == "9.9" and bundle.grid == GRID
     assert bundle.template.shape == (6, 16, 16) and bundle.template_mask.dtype == np.uint8
     assert bundle.gmm.n_components == 2
+    np.testing.assert_array_equal(bundle.normal_mean, normal_mean(bundle.template))  # NaN where it was NaN
 
 
 def test_a_bundle_is_one_zip_of_json_and_npy_only(bundle_path):
@@ -270,6 +277,10 @@ def test_an_edited_manifest_fails_the_checksum(bundle_path):
     (lambda m: m["normalisation"].update(bias_correction="n3"), "bias_correction must be 'n4' or absent"),
     (lambda m: m.update(localization={"smoothgrad_samples": 0, "noise_std": 0.05, "median_size": 5,
                                       "gaussian_sigma_px": 1.0}), "smoothgrad_samples"),
+    (lambda m: m.update(localization={**DEFAULT_LOCALIZATION, "attribution": "occlusion"}),
+     "localization.attribution must be one of"),
+    (lambda m: [m["arrays"].pop(k) for k in ("normal_mean", "normal_mean_mask")], "normal mean image, which it lacks"),
+    (lambda m: m["arrays"]["normal_mean"].update(shape=[6, 16, 15]), "normal_mean shape"),
     (lambda m: m["calibration"].update(typicality={"mean": "x", "bad": [1.0, {"deep": {"set": [1, None]}}]}), None),
 ])
 def test_every_manifest_field_is_validated_even_with_a_recomputed_checksum(bundle_path, edit, message):

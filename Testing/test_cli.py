@@ -190,11 +190,21 @@ def test_calibrate_rederives_normal_statistics_and_keeps_the_weights(tiny_model,
     assert after.manifest.localization["gaussian_sigma_px"] == 2.0
     assert after.manifest.localization["gaussian_sigma_z_px"] == 1.0
     assert after.manifest.localization["slice_weight_z_scale"] == 0.0
+    assert after.manifest.localization["attribution"] == "gradient" and after.normal_mean is None  # the model's
     assert after.manifest.calibration["n_scans"] == 4  # every scan is a percentile reference
     assert after.manifest.calibration["false_alarm_quantile"] == 0.8
     assert config_from_manifest(after.manifest).false_alarm_quantile == 0.8  # a later recalibration keeps it
     assert after.manifest.calibration["heatmap_scale"] != before.manifest.calibration["heatmap_scale"]
     assert after.manifest.recalibrations[-1]["n_scans"] == 4
+
+
+def test_calibrate_refuses_a_normal_mean_over_mixed_contrasts_without_writing(tiny_model, normal_cohort, tmp_path):
+    normals = _folder_of(sorted(normal_cohort.glob("normal_*.nii.gz"))[:4], tmp_path / "t1_t2_flair")
+    out = tmp_path / "site.cradl"
+    run = cradl("calibrate", "--model", tiny_model, "--normal", normals, "--out", out,
+                "--attribution", "gradient_x_deviation", "--quiet")
+    assert run.returncode == 2 and "share one contrast" in run.stderr and "Traceback" not in run.stderr
+    assert not out.exists()
 
 
 def test_calibrate_refuses_too_few_scans_without_writing(tiny_model, normal_cohort, tmp_path):

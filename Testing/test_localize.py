@@ -4,8 +4,9 @@ from __future__ import annotations
 import numpy as np
 from sklearn.metrics import average_precision_score
 
-from cradl.localize import postprocess_saliency, slice_weights
-from cradl.manifest import DEFAULT_LOCALIZATION, complete_localization
+from cradl.io import read_image
+from cradl.localize import postprocess_saliency, score_and_saliency, slice_weights
+from cradl.manifest import DEFAULT_LOCALIZATION, complete_localization, uses_normal_mean
 
 
 def test_smoothing_across_slices_finds_a_lesion_better_through_independent_slice_noise():
@@ -59,3 +60,25 @@ def test_slice_weighting_keeps_unusual_slices_and_fades_typical_ones():
 def test_bundles_written_before_slice_weighting_keep_their_heatmaps():
     old = complete_localization({k: v for k, v in DEFAULT_LOCALIZATION.items() if k != "slice_weight_z_scale"})
     assert np.array_equal(slice_weights(np.array([-3.0, 0.0, 7.0]), old), np.ones(3))
+
+
+def test_pixels_that_look_as_the_normal_brains_do_there_contribute_nothing(tiny_detector, sample_case):
+    """The gradient x deviation attribution: a pixel equal to the normal mean, or where normal brains have no
+    brain (NaN), adds nothing to the heatmap however large the gradient; elsewhere it is |gradient x deviation|."""
+    prepared = tiny_detector.prepare(read_image(sample_case[0]))
+    idx = prepared.slice_indices[::8]
+    slices = prepared.volume[idx]
+    args = (slices, idx, tiny_detector.encoder, tiny_detector.gmm, tiny_detector.localization, tiny_detector.device)
+    _, gradient = score_and_saliency(*args)
+    assert gradient.max() > 0
+    reference = slices - 0.5
+    reference[:, :, :10] = slices[:, :, :10]  # as normal here
+    reference[:, :, -10:] = np.nan  # no normal brain here
+    _, attributed = score_and_saliency(*args, reference=reference)
+    assert attributed[:, :, :10].max() == 0 and attributed[:, :, -10:].max() == 0
+    np.testing.assert_allclose(attributed[:, :, 10:-10], 0.5 * gradient[:, :, 10:-10], rtol=1e-5, atol=1e-9)
+
+
+def test_bundles_written_before_the_deviation_attribution_keep_the_plain_gradient():
+    old = complete_localization({k: v for k, v in DEFAULT_LOCALIZATION.items() if k != "attribution"})
+    assert not uses_normal_mean(old) and uses_normal_mean(DEFAULT_LOCALIZATION)

@@ -3,6 +3,7 @@ components), and heatmaps do not depend on how slices are chunked."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from cradl.evaluate.reference_impl import loop_score_and_saliency
@@ -10,13 +11,16 @@ from cradl.io import read_image
 from cradl.localize import scan_heatmap, score_and_saliency
 
 
-def test_vectorised_scores_and_saliency_equal_the_straightforward_loop(tiny_detector, sample_case):
+@pytest.mark.parametrize("attribution", ["gradient", "gradient_x_deviation"])
+def test_vectorised_scores_and_saliency_equal_the_straightforward_loop(tiny_detector, sample_case, attribution):
     prepared = tiny_detector.prepare(read_image(sample_case[0]))
     idx = prepared.slice_indices[::6]
     slices = prepared.volume[idx]
+    bundle = tiny_detector.bundle  # any reference image with NaN where it holds nothing will do
+    reference = np.where(bundle.template_mask > 0, bundle.template, np.nan)[idx] if attribution != "gradient" else None
     args = (tiny_detector.encoder, tiny_detector.gmm, tiny_detector.localization, tiny_detector.device)
-    fast_nll, fast = score_and_saliency(slices, idx, *args, batch_size=5)
-    slow_nll, slow = loop_score_and_saliency(slices, idx, *args)
+    fast_nll, fast = score_and_saliency(slices, idx, *args, batch_size=5, reference=reference)
+    slow_nll, slow = loop_score_and_saliency(slices, idx, *args, reference=reference)
     np.testing.assert_allclose(fast_nll, slow_nll, rtol=1e-4, atol=1e-3)
     assert np.abs(fast - slow).max() <= 1e-2 * np.abs(slow).max()
 
@@ -29,8 +33,9 @@ def test_heatmaps_do_not_depend_on_the_chunk_size(tiny_detector, sample_case):
     idx = prepared.slice_indices
     args = (prepared.volume, prepared.mask, idx, tiny_detector.encoder, tiny_detector.gmm,
             tiny_detector.localization, tiny_detector.device, tiny_detector.calibration)
-    whole_nll, whole = scan_heatmap(*args, batch_size=len(idx))
-    chunked_nll, chunked = scan_heatmap(*args, batch_size=3)
+    normal_mean = tiny_detector.bundle.normal_mean
+    whole_nll, whole = scan_heatmap(*args, batch_size=len(idx), normal_mean=normal_mean)
+    chunked_nll, chunked = scan_heatmap(*args, batch_size=3, normal_mean=normal_mean)
     np.testing.assert_allclose(chunked_nll, whole_nll, rtol=1e-4, atol=1e-3)
     # batch size changes only the order of float sums inside the convolutions
     assert np.abs(chunked - whole).max() <= 1e-3 * np.abs(whole).max()

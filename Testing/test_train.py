@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 
 import pytest
@@ -54,7 +55,7 @@ def test_every_normal_reference_is_scored_against_the_other_normals_as_a_new_sca
     paths = sorted(normal_cohort.glob("normal_*.nii.gz"))[:5]
     scans = prepare_all(paths, ReferenceSpace(bundle.grid, bundle.template, bundle.template_mask), config, None,
                         progress=False, masks=label_masks(paths))
-    calibration = calibrate(bundle.encoder.eval(), bundle.gmm, scans, config, "cpu", progress=False)
+    calibration, _ = calibrate(bundle.encoder.eval(), bundle.gmm, scans, config, "cpu", progress=False)
 
     nlls = [score_slices(s.slices, bundle.encoder, bundle.gmm, "cpu") for s in scans]
     assert calibration["slice_nll_mean"] == slice_statistics(nlls, scans, config)["slice_nll_mean"]
@@ -68,6 +69,61 @@ def test_every_normal_reference_is_scored_against_the_other_normals_as_a_new_sca
     assert calibration["n_scans"] == calibration["n_heatmap_scans"] == 5
     in_sample = [aggregate(n, s.slice_indices, calibration) for n, s in zip(nlls, scans)]
     assert np.mean(unseen) > np.mean(in_sample)  # a scan inside the statistics flatters itself
+
+
+def test_the_normal_mean_image_comes_from_normal_scans_of_one_contrast(tiny_model, normal_cohort):
+    """Calibration with the gradient x deviation heatmap returns the normal scans' mean intensity wherever at
+    least half of them have brain, and refuses scans of mixed contrasts with a clear message: their mean is
+    no normal brain."""
+    import numpy as np
+    import pytest
+
+    from conftest import label_masks
+    from cradl.bundle import load_bundle
+    from cradl.errors import InputError
+    from cradl.train.trainer import calibrate, config_from_manifest
+
+    bundle = load_bundle(tiny_model)
+    config = config_from_manifest(bundle.manifest)
+    config = dataclasses.replace(config, localization=dict(config.localization, attribution="gradient_x_deviation"))
+    contrasts = {s["image"]: s["contrast"] for s in json.loads((normal_cohort / "cohort.json").read_text())["scans"]}
+    paths = sorted(normal_cohort.glob("normal_*.nii.gz"))
+    t1 = [p for p in paths if contrasts[p.name] == "t1"]
+    space = ReferenceSpace(bundle.grid, bundle.template, bundle.template_mask)
+    scans = prepare_all(t1, space, config, None, progress=False, masks=label_masks(t1))
+    _, normal_mean = calibrate(bundle.encoder.eval(), bundle.gmm, scans, config, "cpu", progress=False)
+    coverage = np.sum([s.mask for s in scans], axis=0)
+    mean = np.sum([s.volume * s.mask for s in scans], axis=0) / np.maximum(coverage, 1)
+    half = coverage >= len(scans) / 2
+    np.testing.assert_allclose(normal_mean[half], mean[half], rtol=1e-5)
+    assert np.isnan(normal_mean[~half]).all()
+
+    mixed = prepare_all(paths[:4], space, config, None, progress=False, masks=label_masks(paths[:4]))
+    with pytest.raises(InputError, match="share one contrast"):
+        calibrate(bundle.encoder.eval(), bundle.gmm, mixed, config, "cpu", progress=False)
+
+
+def test_each_normal_scan_is_read_against_the_mean_of_the_other_normal_scans():
+    """The normal mean image a calibration scan's heatmap reads leaves that scan out, as every other
+    statistic does; voxels where fewer than half of the others have brain read against nothing (NaN)."""
+    import numpy as np
+
+    from cradl.preprocess import PreparedScan
+    from cradl.train.trainer import NormalMean
+
+    rng = np.random.default_rng(0)
+    masks = [np.ones((2, 3, 3), bool) for _ in range(4)]
+    for m, n in zip(masks, range(4)):
+        m[0, 0, :n] = False  # voxel (0, 0, x) has brain in x + 1 of the 4 scans
+    scans = [PreparedScan(rng.random((2, 3, 3)).astype(np.float32) * m, m, None, np.arange(2)) for m in masks]
+    mean = NormalMean(scans)
+    others = scans[1:]
+    without = mean.without(scans[0])
+    inside = np.sum([s.mask for s in others], axis=0)
+    expected = np.sum([s.volume for s in others], axis=0) / np.maximum(inside, 1)
+    np.testing.assert_allclose(without[inside >= 1.5], expected[inside >= 1.5], rtol=1e-6)
+    assert np.isnan(without[inside < 1.5]).all() and (inside < 1.5).any()
+    np.testing.assert_allclose(mean.image()[1], np.mean([s.volume[1] for s in scans], axis=0), rtol=1e-6)
 
 
 def test_a_slice_position_seen_in_too_few_normal_scans_takes_the_pooled_statistics():

@@ -28,7 +28,7 @@ import numpy as np
 from .atomic import atomic_path, writing
 from .calibration import check_loose, validate_calibration
 from .errors import ModelError
-from .manifest import ModelManifest
+from .manifest import ATTRIBUTIONS, ModelManifest, complete_localization, uses_normal_mean
 from .space import ReferenceGrid
 
 if TYPE_CHECKING:  # torch is imported where a network is built: `cradl info` reads a bundle without it
@@ -60,6 +60,9 @@ class ModelBundle:
     template_mask: np.ndarray  # reference-grid brain mask, [z, y, x] uint8
     path: Path | None = field(default=None)
     fingerprint: str | None = field(default=None)  # "sha256:<hex>" of the manifest, which holds every array's digest
+    # reference-grid mean of the calibration's normal scans, NaN where they have no brain; only for heatmap
+    # settings that read it (`manifest.uses_normal_mean`)
+    normal_mean: np.ndarray | None = field(default=None)
 
     @property
     def grid(self) -> ReferenceGrid:
@@ -74,15 +77,19 @@ class ModelBundle:
         return self.manifest.version
 
     def save(self, path: str | Path) -> None:
-        save_bundle(path, self.manifest.stored, self.encoder, self.gmm, self.template, self.template_mask)
+        save_bundle(path, self.manifest.stored, self.encoder, self.gmm, self.template, self.template_mask,
+                    self.normal_mean)
 
 
 def save_bundle(path, manifest: dict, encoder: SliceEncoder, gmm: GaussianMixtureNLL,
-                template: np.ndarray, template_mask: np.ndarray) -> None:
+                template: np.ndarray, template_mask: np.ndarray, normal_mean: np.ndarray | None = None) -> None:
     arrays = {f"encoder.{k}": v.detach().cpu().numpy() for k, v in encoder.state_dict().items()}
     arrays.update(gmm.to_arrays())
     arrays["template"] = np.asarray(template, dtype=np.float32)
     arrays["template_mask"] = np.asarray(template_mask, dtype=np.uint8)
+    if normal_mean is not None:  # stored finite (arrays with NaN are refused): the mean, and where it holds
+        arrays["normal_mean"] = np.nan_to_num(np.asarray(normal_mean, dtype=np.float32), nan=0.0)
+        arrays["normal_mean_mask"] = np.isfinite(normal_mean).astype(np.uint8)
     manifest = dict(manifest, format=FORMAT, format_version=FORMAT_VERSION,
                     encoder=dict(manifest.get("encoder", {}), width=encoder.width,
                                  feature_dim=encoder.feature_dim, grid=encoder.grid))
@@ -243,7 +250,8 @@ def _validated(m: dict, check_network: bool = True) -> dict[str, dict]:
         _string(m.get(key), key, required=False, longest=20000)
     size = _validated_reference(_mapping(m, "reference"))
     _validate_normalisation(_mapping(m, "normalisation"))
-    _validate_localization(_mapping(m, "localization"))
+    localization = _mapping(m, "localization")
+    _validate_localization(localization)
     validate_calibration(_mapping(m, "calibration"), size[2])
     encoder = _mapping(m, "encoder")
     width = _integer(encoder.get("width"), "encoder.width", *LIMITS["width"])
@@ -259,6 +267,8 @@ def _validated(m: dict, check_network: bool = True) -> dict[str, dict]:
 
     specs = _validated_array_specs(m.get("arrays"))
     _check_network_arrays(specs, width, features, pool, size, check_network)
+    if uses_normal_mean(complete_localization(localization)) and "normal_mean" not in specs:
+        raise ValueError("its heatmap settings read the normal mean image, which it lacks")
     return specs
 
 
@@ -313,6 +323,8 @@ def _validate_localization(localization: dict) -> None:
             _number(localization["slice_weight_z_scale"], "localization.slice_weight_z_scale", 0.0, 100.0)
         if "seed" in localization:
             _integer(localization["seed"], "localization.seed", 0, 2**32 - 1)
+        if localization.get("attribution", "gradient") not in ATTRIBUTIONS:
+            raise ValueError(f"localization.attribution must be one of {', '.join(ATTRIBUTIONS)}")
     check_loose(localization, "localization")
 
 
@@ -364,11 +376,14 @@ def _check_network_arrays(specs: dict, width: int, features: int, pool: int, siz
                    "precisions_cholesky": [k, features, features]}:
         raise ValueError("the mixture's arrays have inconsistent shapes")
     grid_shape = [size[2], size[1], size[0]]
-    for name in ("template", "template_mask"):
+    grid_arrays = ["template", "template_mask"]
+    if "normal_mean" in specs or "normal_mean_mask" in specs:
+        grid_arrays += ["normal_mean", "normal_mean_mask"]
+    for name in grid_arrays:
         if specs.get(name, {}).get("shape") != grid_shape:
             raise ValueError(f"{name} shape {specs.get(name, {}).get('shape')} does not match the reference grid "
                              f"{grid_shape}")
-    known = set(listed) | {f"gmm.{k}" for k in mixture} | {"template", "template_mask"}
+    known = set(listed) | {f"gmm.{k}" for k in mixture} | set(grid_arrays)
     if set(specs) - known:
         raise ValueError(f"unknown array {sorted(set(specs) - known)[0]!r}")
 
@@ -424,6 +439,10 @@ def _assemble(stored: dict, arrays: dict, path: Path, fingerprint: str | None = 
             raise ModelError(f"{path}: array {name!r} holds NaN or infinite values")
     if not np.all(np.asarray(arrays["gmm.feature_std"]) > 0) or not np.all(np.asarray(arrays["gmm.weights"]) > 0):
         raise ModelError(f"{path}: the mixture has zero feature spreads or component weights")
+    normal_mean = None
+    if "normal_mean" in arrays:
+        normal_mean = np.where(arrays["normal_mean_mask"] > 0, arrays["normal_mean"], np.nan).astype(np.float32)
     encoder.eval()
     gmm.eval()
-    return ModelBundle(manifest, encoder, gmm, arrays["template"], arrays["template_mask"], path, fingerprint)
+    return ModelBundle(manifest, encoder, gmm, arrays["template"], arrays["template_mask"], path, fingerprint,
+                       normal_mean)

@@ -488,6 +488,9 @@ def add_heatmap_options(p) -> None:
     p.add_argument("--false-alarm-quantile", type=float,
                    help="quantile, over the normal scans, of the heatmap level a region needs to be shown "
                    "(higher: fewer false regions, fewer detections); default: the model's")
+    p.add_argument("--attribution", choices=["gradient", "gradient_x_deviation"],
+                   help="heatmap: the score's gradient (the CRADL paper), or the gradient times each pixel's "
+                   "difference from the normal scans' mean; default: the model's")
 
 
 def heatmap_overrides(args) -> dict | None:
@@ -500,6 +503,8 @@ def heatmap_overrides(args) -> dict | None:
         if args.slice_weighting < 0:
             raise CradlError("--slice-weighting must be zero or positive")
         overrides["slice_weight_z_scale"] = args.slice_weighting
+    if args.attribution:
+        overrides["attribution"] = args.attribution
     if args.false_alarm_quantile is not None and not 0 < args.false_alarm_quantile <= 1:
         raise CradlError("--false-alarm-quantile must be in (0, 1]")
     return overrides or None

@@ -156,7 +156,7 @@ class AnomalyDetector:
         """Slice NLLs and the calibrated heatmap on the reference grid ([z, y, x], 1.0 = normal's high end)."""
         idx = prepared.slice_indices
         nll, heat_idx = scan_heatmap(prepared.volume, prepared.mask, idx, self.encoder, self.gmm, self.localization,
-                                     self.device, self.calibration, self.batch_size, progress)
+                                     self.device, self.calibration, self.batch_size, progress, self.bundle.normal_mean)
         heat = np.zeros(prepared.volume.shape, dtype=np.float32)
         heat[idx] = heat_idx
         return nll, heat / float(self.calibration["heatmap_scale"])

@@ -3,6 +3,13 @@
 One backward pass serves every slice and every SmoothGrad copy: slices are independent in eval mode,
 so the gradient of the summed NLL w.r.t. each copy is that copy's own gradient. The first copy of
 each slice is noise-free and gives the slice's score, so scoring costs no extra forward pass.
+
+Two attributions (the localization setting `attribution`):
+- "gradient" (the CRADL paper): |gradient|, large wherever the encoder looks hard, in every brain;
+- "gradient_x_deviation": |gradient x (slice - normal mean slice)|, each pixel's first-order share of
+  the score's difference from the mean normal brain (aligned), so pixels that look as normal brains do
+  at that place contribute nothing however much the encoder attends to them. Measured: README,
+  "Detection quality".
 """
 from __future__ import annotations
 
@@ -15,6 +22,7 @@ from scipy import ndimage
 from .calibration import slice_z_scores
 from .encoder import SliceEncoder
 from .gmm import GaussianMixtureNLL
+from .manifest import uses_normal_mean
 
 
 def _slice_noise(shape, n_noisy: int, std: float, seed: int, indices: np.ndarray) -> torch.Tensor:
@@ -41,8 +49,10 @@ def score_slices(slices: np.ndarray, encoder: SliceEncoder, gmm: GaussianMixture
 
 def score_and_saliency(slices: np.ndarray, indices: np.ndarray, encoder: SliceEncoder, gmm: GaussianMixtureNLL,
                        config: dict, device: torch.device, batch_size: int = 16,
-                       progress: Callable[[float], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Slice NLLs (N,) and raw SmoothGrad saliency |mean gradient| (N, S, S)."""
+                       progress: Callable[[float], None] | None = None,
+                       reference: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Slice NLLs (N,) and raw saliency (N, S, S): the SmoothGrad mean gradient's magnitude, or with
+    `reference` (the normal mean of these slices, NaN where normal brains have none) |gradient x deviation|."""
     n_noisy = max(0, int(config["smoothgrad_samples"]) - 1)
     shape = slices.shape[1:]
     scores, saliency = [], []
@@ -55,12 +65,19 @@ def score_and_saliency(slices: np.ndarray, indices: np.ndarray, encoder: SliceEn
         copies = copies.reshape(-1, 1, *shape).to(device).requires_grad_(True)
         nll = gmm(encoder(copies))
         (grad,) = torch.autograd.grad(nll.sum(), copies)
-        grad = grad.reshape(len(clean), n_noisy + 1, *shape).mean(1).abs()
+        grad = grad.reshape(len(clean), n_noisy + 1, *shape).mean(1).cpu()
+        if reference is not None:
+            grad = grad * deviation(clean[:, 0], reference[start:start + batch_size])
         scores.append(nll.detach().reshape(len(clean), n_noisy + 1)[:, 0].cpu())
-        saliency.append(grad.cpu())
+        saliency.append(grad.abs())
         if progress:
             progress(min(1.0, (start + batch_size) / len(slices)))
     return torch.cat(scores).numpy().astype(np.float64), torch.cat(saliency).numpy()
+
+
+def deviation(slices: torch.Tensor, reference: np.ndarray) -> torch.Tensor:
+    """Each pixel's difference from the normal mean; none where normal brains have no brain (NaN)."""
+    return torch.nan_to_num(slices - torch.from_numpy(reference), nan=0.0)
 
 
 def postprocess_saliency(saliency: np.ndarray, mask: np.ndarray, config: dict,
@@ -104,22 +121,31 @@ def slice_weights(z_scores: np.ndarray, config: dict) -> np.ndarray:
 
 def scan_heatmap(volume: np.ndarray, mask: np.ndarray, indices: np.ndarray, encoder: SliceEncoder,
                  gmm: GaussianMixtureNLL, config: dict, device: torch.device, slice_stats: dict,
-                 batch_size: int = 16, progress: Callable[[float], None] | None = None
-                 ) -> tuple[np.ndarray, np.ndarray]:
+                 batch_size: int = 16, progress: Callable[[float], None] | None = None,
+                 normal_mean: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Slice NLLs (N,) and the post-processed heatmap (N, S, S) of a reference-grid scan's slices at `indices`.
 
     `slice_stats`: the per-position slice NLL mean and spread of normal scans (a model's calibration), which
-    the slice weighting reads."""
-    nll, heat = unweighted_heatmap(volume, mask, indices, encoder, gmm, config, device, batch_size, progress)
+    the slice weighting reads; `normal_mean`: the reference-grid normal mean image, which the
+    "gradient_x_deviation" attribution reads."""
+    nll, heat = unweighted_heatmap(volume, mask, indices, encoder, gmm, config, device, batch_size, progress,
+                                   normal_mean)
     return nll, weigh_slices(heat, nll, indices, config, slice_stats)
 
 
 def unweighted_heatmap(volume: np.ndarray, mask: np.ndarray, indices: np.ndarray, encoder: SliceEncoder,
                        gmm: GaussianMixtureNLL, config: dict, device: torch.device, batch_size: int = 16,
-                       progress: Callable[[float], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+                       progress: Callable[[float], None] | None = None,
+                       normal_mean: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """`scan_heatmap` before the slice weighting, which needs normal statistics (calibration computes
     those from these very NLLs)."""
-    nll, saliency = score_and_saliency(volume[indices], indices, encoder, gmm, config, device, batch_size, progress)
+    reference = None
+    if uses_normal_mean(config):
+        if normal_mean is None:
+            raise ValueError("the gradient_x_deviation attribution needs the normal mean image")
+        reference = normal_mean[indices]
+    nll, saliency = score_and_saliency(volume[indices], indices, encoder, gmm, config, device, batch_size, progress,
+                                       reference)
     return nll, postprocess_saliency(saliency, mask[indices], config, indices)
 
 

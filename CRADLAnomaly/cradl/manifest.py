@@ -10,12 +10,21 @@ from dataclasses import dataclass, field
 
 from .space import ReferenceGrid
 
+ATTRIBUTIONS = ("gradient", "gradient_x_deviation")  # `localize` says what each means
+# Today's settings (model 2.4.0's, chosen on the validation subjects: README, "Detection quality"). The
+# deviation from the normal mean does what slice weighting and wide smoothing did for the plain gradient
+# (fade what every brain shows), and sharper than they could, so both are off or narrow.
 DEFAULT_LOCALIZATION = {"smoothgrad_samples": 4, "noise_std": 0.05, "median_size": 5,
-                        "gaussian_sigma_px": 3.0, "gaussian_sigma_z_px": 6.0, "slice_weight_z_scale": 2.0,
-                        "seed": 0}
+                        "gaussian_sigma_px": 1.0, "gaussian_sigma_z_px": 3.0, "slice_weight_z_scale": 0.0,
+                        "seed": 0, "attribution": "gradient_x_deviation"}
 # What detection used before these settings were recorded: bundles that lack them keep that behaviour.
 # (Recalibrating an older bundle upgrades it to today's defaults instead: `train.trainer.recalibrate_model`.)
-LEGACY_LOCALIZATION = {"gaussian_sigma_z_px": 0.0, "slice_weight_z_scale": 0.0, "seed": 0}
+LEGACY_LOCALIZATION = {"gaussian_sigma_z_px": 0.0, "slice_weight_z_scale": 0.0, "seed": 0, "attribution": "gradient"}
+
+
+def uses_normal_mean(localization: dict) -> bool:
+    """Whether these heatmap settings read each pixel against the normal mean image (bundle array)."""
+    return localization.get("attribution", "gradient") == "gradient_x_deviation"
 
 
 @dataclass(frozen=True)

@@ -168,10 +168,11 @@ def cradl_variant(base: AnomalyDetector, name: str, features: nn.Module, gmm: Ga
     """A detector sharing the base's reference space and settings, with its own features, mixture and calibration."""
     features = features.to(base.device).eval()
     gmm = gmm.to(base.device).eval()
-    calibration = calibrate(features, gmm, cohort.pick(np.concatenate([cohort.val, cohort.cal])), cohort.config,
-                            base.device, cohort.progress)
+    calibration, normal_mean = calibrate(features, gmm, cohort.pick(np.concatenate([cohort.val, cohort.cal])),
+                                         cohort.config, base.device, cohort.progress)
     manifest = base.bundle.manifest.with_fields(calibration=calibration, name=f"{base.bundle.name}:{name}")
-    bundle = ModelBundle(manifest, features, gmm, base.bundle.template, base.bundle.template_mask, base.bundle.path)
+    bundle = ModelBundle(manifest, features, gmm, base.bundle.template, base.bundle.template_mask, base.bundle.path,
+                         normal_mean=normal_mean)
     return CradlMethod(name, AnomalyDetector(bundle, device=base.device, batch_size=base.batch_size), info)
 
 

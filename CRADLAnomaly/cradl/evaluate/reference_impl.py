@@ -25,7 +25,8 @@ def loop_nll(features: torch.Tensor, gmm: GaussianMixtureNLL) -> torch.Tensor:
 
 
 def loop_score_and_saliency(slices: np.ndarray, indices: np.ndarray, encoder, gmm: GaussianMixtureNLL,
-                            config: dict, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+                            config: dict, device: torch.device, reference: np.ndarray | None = None
+                            ) -> tuple[np.ndarray, np.ndarray]:
     n_noisy = max(0, int(config["smoothgrad_samples"]) - 1)
     scores, saliency = [], []
     for slice_, index in zip(slices, indices):
@@ -42,5 +43,8 @@ def loop_score_and_saliency(slices: np.ndarray, indices: np.ndarray, encoder, gm
             grads.append(grad[0, 0])
             if copy == 0:
                 scores.append(nll.item())
-        saliency.append(torch.stack(grads).mean(0).abs().cpu().numpy())
+        gradient = torch.stack(grads).mean(0).cpu().numpy()
+        if reference is not None:  # times the slice's difference from the normal mean, none where that is NaN
+            gradient = gradient * np.nan_to_num(slice_ - reference[len(saliency)], nan=0.0)
+        saliency.append(np.abs(gradient))
     return np.array(scores), np.stack(saliency)

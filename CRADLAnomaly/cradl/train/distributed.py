@@ -177,7 +177,8 @@ def _rank_main(rank, world, init, normal_dirs, out, config, device, resume, prog
                                        "global_batch_size": config.batch_size}
             training["seconds"] = round(time.perf_counter() - started, 1)
             manifest["training"] = training
-            save_bundle(out, manifest, bundle.encoder, bundle.gmm, bundle.template, bundle.template_mask)
+            save_bundle(out, manifest, bundle.encoder, bundle.gmm, bundle.template, bundle.template_mask,
+                        bundle.normal_mean)
         _barrier(dev)
     finally:
         dist.destroy_process_group()
