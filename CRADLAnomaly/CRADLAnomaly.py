@@ -54,7 +54,8 @@ class CRADLAnomaly(ScriptedLoadableModule):
         self.parent.helpText = f"""
 <p>Finds and localizes anomalies in brain MRI without any annotated abnormal training data, with
 <b>CRADL</b> (contrastive representations of normal slices modelled by a Gaussian mixture; the
-heatmap is the gradient of the anomaly score with respect to the image).</p>
+heatmap is the gradient of the anomaly score with respect to the image, times each voxel's difference
+from the mean of the model's normal scans).</p>
 <p>Select a brain MRI and click <b>Detect anomalies</b>. The heatmap is shown over the scan in all
 slice views; the whole-scan score is compared with the model's normal reference scans. Review the
 per-slice score plot (click a point to jump there) and the ranked regions (select a row to centre

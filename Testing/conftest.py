@@ -15,7 +15,7 @@ import pytest
 import SimpleITK as sitk
 from filelock import FileLock
 
-from cradl.manifest import DEFAULT_LOCALIZATION
+from cradl.manifest import PLAIN_GRADIENT_LOCALIZATION
 
 # Under pytest-xdist (`-n 2`) each worker process gets one core's share of threads, for torch and ITK alike
 # (subprocesses inherit them), so that two workers do not fight over two cores.
@@ -46,13 +46,10 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: 0 if item.path == first else (2 if needs[item.path] else 1))  # stable sort
 
 
-# Its cohort mixes T1, T2 and FLAIR, so its heatmaps are the plain gradient with the settings made for it
-# (model 2.3.0's): a mean over contrasts is no normal reference (calibration refuses one; the bundled model,
-# T1 only, reads the deviation from it).
-PLAIN_GRADIENT = dict(DEFAULT_LOCALIZATION, attribution="gradient", gaussian_sigma_px=3.0, gaussian_sigma_z_px=6.0,
-                      slice_weight_z_scale=2.0)
+# Its cohort mixes T1, T2 and FLAIR, so its heatmaps are the plain gradient: a mean over contrasts is no
+# normal reference (calibration refuses one; the bundled model, T1 only, reads the deviation from it).
 TINY_RECIPE = dict(slice_size=64, spacing_mm=3.0, width=12, feature_dim=32, grid=4, geometry="light",
-                   projection_dim=32, epochs=6, localization=PLAIN_GRADIENT,
+                   projection_dim=32, epochs=6, localization=PLAIN_GRADIENT_LOCALIZATION,
                    batch_size=64, learning_rate=3e-3, gmm_components=(1, 2), min_region_mm3=200.0,
                    name="cradl-tiny-test", version="0.0.1", description="tiny model trained by the test suite")
 

@@ -204,7 +204,15 @@ def test_calibrate_refuses_a_normal_mean_over_mixed_contrasts_without_writing(ti
     run = cradl("calibrate", "--model", tiny_model, "--normal", normals, "--out", out,
                 "--attribution", "gradient_x_deviation", "--quiet")
     assert run.returncode == 2 and "share one contrast" in run.stderr and "Traceback" not in run.stderr
-    assert not out.exists()
+    assert "normal_00" in run.stderr and not out.exists()  # names the odd scan
+
+
+def test_training_on_mixed_contrasts_with_the_deviation_heatmap_is_refused_before_training(normal_cohort, tmp_path):
+    out = tmp_path / "m.cradl"
+    run = cradl("train", "--normal", normal_cohort, "--out", out, "--epochs", "1", "--slice-size", "32",
+                "--spacing", "6", "--width", "4", "--feature-dim", "8", "--components", "1", "--quiet")
+    assert run.returncode == 2 and "share one contrast" in run.stderr and "--attribution gradient" in run.stderr
+    assert "SimCLR" not in run.stderr and not out.exists() and not out.with_suffix(".ckpt").exists()
 
 
 def test_calibrate_refuses_too_few_scans_without_writing(tiny_model, normal_cohort, tmp_path):
@@ -220,7 +228,7 @@ def test_quiet_training_keeps_the_console_clean_and_the_log_complete(normal_coho
     out, log = tmp_path / "m.cradl", tmp_path / "train.log"
     run = cradl("train", "--normal", normals, "--out", out, "--epochs", "2", "--slice-size", "32", "--spacing", "6",
                 "--width", "4", "--feature-dim", "8", "--components", "1", "2", "--batch-size", "32",
-                "--quiet", "--log", log)
+                "--attribution", "gradient", "--quiet", "--log", log)  # the cohort mixes contrasts
     assert run.returncode == 0, run.stderr
     assert run.stderr.strip() == "" and out.is_file()
     assert "epoch 1/2" in log.read_text() and "epoch 2/2" in log.read_text()

@@ -19,7 +19,7 @@ def train(cohort, out, *extra):
     args = ["train", "--normal", cohort, "--out", out, "--slice-size", r["slice_size"], "--spacing", r["spacing_mm"],
             "--width", r["width"], "--feature-dim", r["feature_dim"], "--grid", r["grid"], "--geometry", r["geometry"],
             "--batch-size", 32, "--learning-rate", r["learning_rate"], "--components", 1, 2, "--epochs", 2,
-            "--name", "cradl-ddp-test", "--version", "0.0.1", *extra]
+            "--attribution", r["localization"]["attribution"], "--name", "cradl-ddp-test", "--version", "0.0.1", *extra]
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     return subprocess.run([sys.executable, "-m", "cradl", *map(str, args)], capture_output=True, text=True,
                           env=env, timeout=900)

@@ -392,6 +392,7 @@ def _add_train(sub):
                    help="N4 bias-field correction of every scan before alignment, in training and in every later "
                    "detection with the model (a second or more per scan; it helped on the IXI heads, see the README)")
     p.add_argument("--components", type=int, nargs="+", help="mixture sizes to try; the best held-out likelihood wins")
+    add_attribution_option(p, "gradient_x_deviation")
     p.add_argument("--name")
     p.add_argument("--version")
     p.add_argument("--description")
@@ -417,7 +418,10 @@ def _train_config(args):
              "gmm_components": tuple(args.components) if args.components else None, "name": args.name,
              "version": args.version, "description": args.description, "seed": args.seed,
              "normalisation": bias_corrected(args.bias_correction)}
-    return TrainConfig(**{key: value for key, value in given.items() if value is not None})
+    config = TrainConfig(**{key: value for key, value in given.items() if value is not None})
+    if args.attribution:
+        config.localization["attribution"] = args.attribution
+    return config
 
 
 def bias_corrected(choice: str) -> dict:
@@ -488,9 +492,13 @@ def add_heatmap_options(p) -> None:
     p.add_argument("--false-alarm-quantile", type=float,
                    help="quantile, over the normal scans, of the heatmap level a region needs to be shown "
                    "(higher: fewer false regions, fewer detections); default: the model's")
+    add_attribution_option(p, "the model's")
+
+
+def add_attribution_option(p, default: str) -> None:
     p.add_argument("--attribution", choices=["gradient", "gradient_x_deviation"],
                    help="heatmap: the score's gradient (the CRADL paper), or the gradient times each pixel's "
-                   "difference from the normal scans' mean; default: the model's")
+                   f"difference from the normal scans' mean (needs normal scans of one contrast); default: {default}")
 
 
 def heatmap_overrides(args) -> dict | None:

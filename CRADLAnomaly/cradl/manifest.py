@@ -17,6 +17,10 @@ ATTRIBUTIONS = ("gradient", "gradient_x_deviation")  # `localize` says what each
 DEFAULT_LOCALIZATION = {"smoothgrad_samples": 4, "noise_std": 0.05, "median_size": 5,
                         "gaussian_sigma_px": 1.0, "gaussian_sigma_z_px": 3.0, "slice_weight_z_scale": 0.0,
                         "seed": 0, "attribution": "gradient_x_deviation"}
+# The plain gradient's own settings (model 2.3.0's), for normal scans that mix contrasts: their mean is no
+# normal reference, so the deviation cannot be read.
+PLAIN_GRADIENT_LOCALIZATION = {**DEFAULT_LOCALIZATION, "attribution": "gradient", "gaussian_sigma_px": 3.0,
+                               "gaussian_sigma_z_px": 6.0, "slice_weight_z_scale": 2.0}
 # What detection used before these settings were recorded: bundles that lack them keep that behaviour.
 # (Recalibrating an older bundle upgrades it to today's defaults instead: `train.trainer.recalibrate_model`.)
 LEGACY_LOCALIZATION = {"gaussian_sigma_z_px": 0.0, "slice_weight_z_scale": 0.0, "seed": 0, "attribution": "gradient"}

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..manifest import PLAIN_GRADIENT_LOCALIZATION
 from ..synthetic.lesions import ANOMALY_TYPES
 from .report import results_meta, targets, write_results
 from .scoring import evaluate_cases, report_methods
@@ -34,7 +35,8 @@ class BenchmarkConfig:
     types: tuple = ANOMALY_TYPES
     sizes_mm: tuple = (5.0, 10.0, 20.0, 35.0, 50.0)
     n_per_combo: int = 1
-    recipe: dict = field(default_factory=dict)  # TrainConfig overrides when the benchmark trains its model
+    # TrainConfig overrides when the benchmark trains its model; its synthetic normals mix T1, T2 and FLAIR
+    recipe: dict = field(default_factory=lambda: {"localization": PLAIN_GRADIENT_LOCALIZATION})
     ks: tuple = (1, 2, 4, 8)
     head_variant: bool = True
     head_short_epochs: int = 3  # when the training checkpoint's head is not available
@@ -50,7 +52,7 @@ CONFIGS = {
         name="small", seed=7, n_train=10, n_test_normals=3, n_clean=2, types=("tumour", "blob"), sizes_mm=(25.0,),
         recipe=dict(slice_size=64, spacing_mm=3.0, width=12, feature_dim=32, projection_dim=32, epochs=4,
                     batch_size=64, learning_rate=3e-3, gmm_components=(1, 2), min_region_mm3=200.0,
-                    name="cradl-benchmark-small", version="0.0.1"),
+                    name="cradl-benchmark-small", version="0.0.1", localization=PLAIN_GRADIENT_LOCALIZATION),
         ks=(1, 2), head_short_epochs=1, vae={"width": 8, "latent": 8, "epochs": 2}, n_boot=50),
     # the README table: 8 types x 5 sizes + 20 clean scans, all baselines (about 30-40 min of CPU
     # with a trained model; training one from scratch adds the model's own training time)

@@ -148,6 +148,10 @@ def train_model(normal_dirs, out: str | Path, config: TrainConfig | None = None,
     prepared = prepare_all(paths, space, config, out.with_suffix(".prep.npz") if resume else None, progress,
                            masks=masks)
 
+    calibration_idx = np.concatenate([val_idx, cal_idx])
+    calibration_scans, calibration_paths = [prepared[i] for i in calibration_idx], [paths[i] for i in calibration_idx]
+    if uses_normal_mean(config.localization):  # before hours of training, not after
+        NormalMean(calibration_scans).check_one_contrast(calibration_scans, calibration_paths)
     train_slices = np.concatenate([prepared[i].slices for i in train_idx])
     log.info("%d scans: %d training (%d slices), %d validation, %d calibration", len(paths), len(train_idx),
              len(train_slices), len(val_idx), len(cal_idx))
@@ -160,8 +164,7 @@ def train_model(normal_dirs, out: str | Path, config: TrainConfig | None = None,
     val_slices = np.concatenate([prepared[i].slices for i in val_idx])
     gmm, selection = select_mixture(encode(encoder, train_slices, dev), encode(encoder, val_slices, dev), config)
     gmm = gmm.to(dev)
-    calibration, normal_mean = calibrate(encoder, gmm, [prepared[i] for i in np.concatenate([val_idx, cal_idx])],
-                                         config, dev, progress)
+    calibration, normal_mean = calibrate(encoder, gmm, calibration_scans, config, dev, progress, calibration_paths)
     manifest = {
         "name": config.name, "version": config.version, "description": config.description,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -261,20 +264,20 @@ def calibrate_heatmaps(heats: list[np.ndarray], masks: list[np.ndarray], config:
             "min_region_mm3": config.min_region_mm3}
 
 
-def calibrate(encoder, gmm, scans: list[PreparedScan], config: TrainConfig, dev, progress: bool = True
-              ) -> tuple[dict, np.ndarray | None]:
+def calibrate(encoder, gmm, scans: list[PreparedScan], config: TrainConfig, dev, progress: bool = True,
+              names: list | None = None) -> tuple[dict, np.ndarray | None]:
     """A model's normal statistics (the manifest's `calibration`) from held-out normal scans, every scan
     serving every statistic: the slice statistics per position come from all of them; each scan's volume
     score, typical slice z and heatmap are read against the statistics of the others (`leave_one_out`).
     So no scan is set aside for one role only (a site with 10 normal scans gets 10 percentile references,
     not 5), and no reference is flattered by statistics it took part in. Used by training, recalibration
     and the CRADL variants. Also returns the normal mean image (`NormalMean`) where the heatmap settings
-    read it, else None."""
+    read it, else None. `names`: the scans' files, for messages."""
     for p in encoder.parameters():
         p.requires_grad_(False)
     mean = NormalMean(scans) if uses_normal_mean(config.localization) else None
     if mean:
-        mean.check_one_contrast(scans)
+        mean.check_one_contrast(scans, names)
     # one network pass per scan (NLLs and heatmap together, as detection does); the slice weighting waits
     # for the statistics of the other scans
     scored = [unweighted_heatmap(s.volume, s.mask, s.slice_indices, encoder, gmm, config.localization, dev,
@@ -323,13 +326,14 @@ class NormalMean:
         inside = scan.mask & np.isfinite(others)
         return float(np.corrcoef(scan.volume[inside], others[inside])[0, 1]) if inside.sum() > 2 else 0.0
 
-    def check_one_contrast(self, scans: list[PreparedScan]) -> None:
+    def check_one_contrast(self, scans: list[PreparedScan], names: list | None = None) -> None:
         """Refuse normal scans whose mean means nothing: a mixture of contrasts (a T2 read against the mean
         of T1s and T2s would light up everywhere)."""
         agreement = [self.agreement(s) for s in scans]
         worst = int(np.argmin(agreement))
         if agreement[worst] < self.MIN_AGREEMENT:
-            raise InputError(f"normal scan {worst + 1} of {len(scans)} does not look like the others (its intensities "
+            name = names[worst] if names else f"{worst + 1} of {len(scans)}"
+            raise InputError(f"normal scan {name} does not look like the others (its intensities "
                              f"correlate {agreement[worst]:.2f} with their mean): the gradient_x_deviation heatmap "
                              "reads every scan against the normal scans' mean, so they must share one contrast. "
                              "Calibrate on scans of one contrast, or use --attribution gradient")
@@ -379,7 +383,7 @@ def recalibrate_model(model: str | Path | None, normal_dirs, out: str | Path, lo
     prepared = prepare_all(paths, space, config, cache=None, progress=progress, masks=masks)
     dev = resolve_device(device)
     calibration, normal_mean = calibrate(bundle.encoder.to(dev).eval(), bundle.gmm.to(dev), prepared, config, dev,
-                                         progress)
+                                         progress, paths)
     manifest["localization"] = config.localization
     manifest["calibration"] = calibration
     manifest["version"] = version or manifest["version"]
