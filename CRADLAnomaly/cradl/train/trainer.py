@@ -276,12 +276,12 @@ def calibrate(encoder, gmm, scans: list[PreparedScan], config: TrainConfig, dev,
     for p in encoder.parameters():
         p.requires_grad_(False)
     mean = NormalMean(scans) if uses_normal_mean(config.localization) else None
-    if mean:
+    if mean is not None:
         mean.check_one_contrast(scans, names)
     # one network pass per scan (NLLs and heatmap together, as detection does); the slice weighting waits
     # for the statistics of the other scans
     scored = [unweighted_heatmap(s.volume, s.mask, s.slice_indices, encoder, gmm, config.localization, dev,
-                                 normal_mean=mean.without(s) if mean else None)
+                                 normal_mean=mean.without(s) if mean is not None else None)
               for s in tqdm(scans, desc="calibrating on held-out normals", unit="scan", disable=not progress)]
     nlls = [nll for nll, _ in scored]
     stats = slice_statistics(nlls, scans, config)
@@ -295,7 +295,7 @@ def calibrate(encoder, gmm, scans: list[PreparedScan], config: TrainConfig, dev,
     stats["typicality"] = fit_typicality(slice_z)
     stats.update({"n_scans": len(scans), "n_heatmap_scans": len(heats)})
     stats.update(calibrate_heatmaps(heats, [s.mask[s.slice_indices] for s in scans], config))
-    return stats, mean.image() if mean else None
+    return stats, mean.image() if mean is not None else None
 
 
 class NormalMean:
