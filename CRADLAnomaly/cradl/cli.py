@@ -17,6 +17,7 @@ from pathlib import Path
 from .atomic import check_output_folder, check_output_path, writing
 from .errors import CradlError, InputError, OutputError, one_line, scan_failure
 from .io import IMAGE_SUFFIXES, find_scans, is_image_path, read_image, stderr_lock
+from .manifest import ATTRIBUTIONS
 from .outputs import (CLI_KINDS, SCORES_ONLY, SUFFIXES, batch_plan, model_path, output_names, protected_files,
                       refuse_clashes, write_outputs)
 
@@ -496,7 +497,7 @@ def add_heatmap_options(p) -> None:
 
 
 def add_attribution_option(p, default: str) -> None:
-    p.add_argument("--attribution", choices=["gradient", "gradient_x_deviation"],
+    p.add_argument("--attribution", choices=ATTRIBUTIONS,
                    help="heatmap: the score's gradient (the CRADL paper), or the gradient times each pixel's "
                    f"difference from the normal scans' mean (needs normal scans of one contrast); default: {default}")
 
